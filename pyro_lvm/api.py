@@ -1,0 +1,330 @@
+"""The Python API: one function per command of the ``pyro-lvm`` command line, same arguments.
+
+::
+
+    import pyro_lvm
+    run = pyro_lvm.fit("vae", data="digits", epochs=50, out="runs/vae")
+    pyro_lvm.evaluate(run, estimator="is", samples=1000)["log_px"]
+    pyro_lvm.sample(run, n=64, out="samples.png")
+"""
+
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import torch
+
+from . import __version__
+from .data import BINARIZATIONS, load_dataset
+from .errors import UserError
+from .protocol import build_model, check_support, inspect_model, load_model_class, resolve_hyperparameters
+from .runs import RunLock, atomic_write_json, load_checkpoint, load_run, read_config
+from .training import ON_NAN, resolve_device, train
+
+FIT_DEFAULTS = {
+    "data": None,  # the model's default data set (see default_data_for)
+    "data_dir": None,
+    "binarize": "auto",
+    "hyperparameters": {},
+    "objective": "elbo",
+    "particles": 1,
+    "epochs": 20,
+    "batch_size": 100,
+    "lr": 1e-3,
+    "seed": 0,
+    "device": "auto",
+    "checkpoint_every": 0,
+    "checkpoint_minutes": 0,
+    "on_nan": "stop",
+}
+
+# Default number of samples (particles, or chains for AIS) per estimator.
+DEFAULT_SAMPLES = {"elbo": 10, "iwae": 50, "is": 1000, "exact": 1, "ais": 16}
+
+
+def default_data_for(model_spec):
+    """The embedded default data: ``faithful`` for the mixture, ``digits`` for everything else."""
+    return "faithful" if str(model_spec).replace("_", "-").lower() == "mog" else "digits"
+
+
+def _versions():
+    return {"pyro_lvm": __version__, "pyro": pyro.__version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def _resolve_model_spec(spec):
+    """Zoo names stay names; file paths become absolute so ``--config`` works from anywhere."""
+    spec = str(spec)
+    target, sep, cls = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    if target.endswith(".py") or "/" in target:
+        return str(Path(target).resolve()) + (sep + cls if sep else "")
+    return spec
+
+
+def _resolve_data_name(name):
+    path = Path(str(name))
+    if path.suffix.lower() in (".npy", ".npz", ".csv", ".pt") or path.exists():
+        return str(path.resolve())
+    return str(name)
+
+
+def _is_binary(x):
+    return bool(((x == 0) | (x == 1)).all())
+
+
+def _choose_binarization(requested, lvm, data):
+    """``auto``: binarize images dynamically when the likelihood's support is {0, 1}."""
+    if requested != "auto":
+        return requested
+    if not data.is_image or _is_binary(data.train):
+        return "none"
+    with torch.no_grad(), pyro.poutine.block():
+        trace = pyro.poutine.trace(lvm.model).get_trace(None, num_samples=1)
+    support = str(trace.nodes["x"]["fn"].support).lower()
+    in_unit_interval = bool(data.train.min() >= 0) and bool(data.train.max() <= 1)
+    return "dynamic" if "boolean" in support and in_unit_interval else "none"
+
+
+def _check_options(cfg):
+    from .objectives import OBJECTIVES
+
+    if cfg["objective"] not in OBJECTIVES:
+        import difflib
+
+        close = difflib.get_close_matches(cfg["objective"], list(OBJECTIVES), n=2)
+        raise UserError(f"unknown objective {cfg['objective']!r}; "
+                        + (f"did you mean {', '.join(close)}? " if close else "")
+                        + f"choose from {', '.join(OBJECTIVES)}")
+    for key, minimum in (("particles", 1), ("epochs", 1), ("batch_size", 1), ("checkpoint_every", 0)):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < minimum:
+            raise UserError(f"--{key.replace('_', '-')} must be an integer >= {minimum}, got {cfg[key]!r}")
+    for key in ("lr", "checkpoint_minutes"):
+        value = cfg[key]
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
+            raise UserError(f"--{key.replace('_', '-')} must be a positive finite number, got {value!r}")
+    if not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {cfg['seed']!r}")
+    if cfg["binarize"] not in BINARIZATIONS + ("auto",):
+        raise UserError(f"--binarize must be one of auto, {', '.join(BINARIZATIONS)}; got {cfg['binarize']!r}")
+    if cfg["on_nan"] not in ON_NAN:
+        raise UserError(f"--on-nan must be one of {', '.join(ON_NAN)}; got {cfg['on_nan']!r}")
+
+
+def read_fit_config(path):
+    """The options stored in a run's ``config.json`` (or any JSON file of fit options)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} does not exist; give RUN/config.json of an earlier fit")
+    try:
+        stored = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON; give RUN/config.json of an earlier fit") from None
+    if not isinstance(stored, dict):
+        raise UserError(f"{path} must hold a JSON object of fit options")
+    options = {k: stored[k] for k in FIT_DEFAULTS if k in stored and k not in ("data", "data_dir", "binarize")}
+    data = stored.get("data")
+    if isinstance(data, dict):
+        options["data"] = data.get("name")
+        options["data_dir"] = data.get("data_dir")
+        options["binarize"] = data.get("binarize", "auto")
+    elif isinstance(data, str):
+        options["data"] = data
+    if "model" in stored:
+        options["model"] = stored["model"]
+    unknown = set(stored) - set(FIT_DEFAULTS) - {"model", "data", "versions", "model_class", "data_shape"}
+    if unknown:
+        raise UserError(f"{path} has unknown option(s) {', '.join(sorted(unknown))}; remove them")
+    return options
+
+
+def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=True, log=None, **options):
+    """Fit ``model`` (a zoo name, ``file.py:Class`` or ``pkg.mod:Class``) and return the :class:`Run`.
+
+    ``options`` are those of ``pyro-lvm fit``: ``data_dir``, ``binarize`` (auto, none, static,
+    dynamic), ``objective``, ``particles``, ``epochs``, ``batch_size``, ``lr``, ``seed``,
+    ``device``, ``checkpoint_every``, ``checkpoint_minutes``, ``on_nan``. Everything is checked
+    before the run directory is created; with ``resume=True`` the run continues from its checkpoint
+    and the stored configuration (``epochs`` may be raised to train longer).
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    unknown = set(options) - set(FIT_DEFAULTS)
+    if unknown:
+        raise UserError(f"unknown fit option(s) {', '.join(sorted(unknown))}; see pyro-lvm fit --help")
+    out = Path(out)
+    if resume:
+        return _resume(out, options, progress, log)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"run directory {out} already exists; pass --resume to continue it or choose another --out")
+
+    cfg = {**FIT_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+    cfg["data"] = data or default_data_for(model)
+    _check_options(cfg)
+    device = resolve_device(cfg["device"])
+    cls = load_model_class(model)
+    hparams = resolve_hyperparameters(cls, hyperparameters)
+
+    raw = load_dataset(cfg["data"], cfg["data_dir"], "none")
+    pyro.set_rng_seed(cfg["seed"])
+    lvm = build_model(cls, raw.data_shape, hparams, device)
+    binarize = _choose_binarization(cfg["binarize"], lvm, raw)
+    splits = raw if binarize == "none" else load_dataset(cfg["data"], cfg["data_dir"], binarize)
+    splits = splits.to(device)
+    probe = splits.train[:2] if binarize != "dynamic" else torch.bernoulli(splits.train[:2])
+    info = inspect_model(lvm, probe)
+    for split_name in ("train", "valid", "test"):
+        if not (split_name == "train" and binarize == "dynamic"):
+            check_support(info, getattr(splits, split_name), split_name)
+
+    from .objectives import get_objective
+
+    objective = get_objective(cfg["objective"], particles=cfg["particles"], model_info=info)
+    if hasattr(lvm, "initialize"):
+        with torch.no_grad():
+            lvm.initialize(splits.train if binarize != "dynamic" else torch.bernoulli(splits.train))
+
+    config = {
+        "model": _resolve_model_spec(model), "model_class": cls.__name__, "hyperparameters": hparams,
+        "data": {"name": _resolve_data_name(cfg["data"]),
+                 "data_dir": str(Path(cfg["data_dir"]).resolve()) if cfg["data_dir"] else None,
+                 "binarize": binarize, "shape": list(splits.data_shape), "sizes": splits.sizes(),
+                 "source": splits.source},
+        **{k: cfg[k] for k in FIT_DEFAULTS if k not in ("data", "data_dir", "binarize", "hyperparameters")},
+        "versions": _versions(),
+    }
+    # The run directory appears only now that every input has been checked.
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out).acquire()
+    try:
+        atomic_write_json(out / "config.json", config)
+        log(f"fitting {cls.__name__} on {cfg['data']} ({splits.sizes()['train']} points, {device}) -> {out}")
+        train(lvm, splits, objective, config, out, progress=progress, log=log)
+    finally:
+        lock.release()
+    return load_run(out, device=str(device))
+
+
+def _resume(out, options, progress, log):
+    config = read_config(out)
+    lock = RunLock(out).acquire()
+    try:
+        state = load_checkpoint(out / "checkpoint.pt")
+        if options.get("epochs") is not None:
+            config["epochs"] = int(options["epochs"])
+        device = resolve_device(options.get("device") or config["device"])
+        data_cfg = config["data"]
+        splits = load_dataset(data_cfg["name"], data_cfg.get("data_dir"), data_cfg.get("binarize", "none")).to(device)
+        cls = load_model_class(config["model"])
+        lvm = build_model(cls, splits.data_shape, config["hyperparameters"], device)
+        try:
+            lvm.load_state_dict(state["model"])
+        except (RuntimeError, KeyError) as err:
+            raise UserError(f"{out / 'checkpoint.pt'} does not match the model in config.json "
+                            f"({str(err).splitlines()[0][:160]})") from None
+        from .objectives import get_objective
+
+        info = inspect_model(lvm, splits.valid[:2] if len(splits.valid) else splits.train[:2])
+        objective = get_objective(config["objective"], particles=config["particles"], model_info=info)
+        if state["epoch"] >= config["epochs"]:
+            log(f"{out} has finished all {config['epochs']} epochs; pass a larger --epochs to train longer")
+        else:
+            atomic_write_json(out / "config.json", config)
+            log(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
+            train(lvm, splits, objective, config, out, resume_state=state, progress=progress, log=log)
+    finally:
+        lock.release()
+    return load_run(out, device=str(device))
+
+
+def _as_run(run, device=None):
+    from .runs import Run
+
+    return run if isinstance(run, Run) else load_run(run, device=device)
+
+
+def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_size=100,
+             max_memory_mb=1024, seed=0, device=None, record=True, **estimator_options):
+    """Estimate log p(x) per data point on a split; returns the JSON record of ``evaluate --json``."""
+    from .estimators import ESTIMATORS, estimate_log_marginal
+
+    run = _as_run(run, device)
+    if estimator not in ESTIMATORS:
+        import difflib
+
+        close = difflib.get_close_matches(estimator, list(ESTIMATORS), n=2)
+        raise UserError(f"unknown estimator {estimator!r}; " + (f"did you mean {', '.join(close)}? " if close else "")
+                        + f"choose from {', '.join(ESTIMATORS)}")
+    samples = DEFAULT_SAMPLES.get(estimator, 1) if samples is None else int(samples)
+    if samples < 1:
+        raise UserError(f"--samples must be at least 1, got {samples}")
+    x, _ = run.data.split(split)
+    if limit is not None:
+        if int(limit) < 1:
+            raise UserError(f"--limit must be at least 1, got {limit}")
+        x = x[:int(limit)]
+    if len(x) == 0:
+        raise UserError(f"the {split} split of {run.config['data']['name']} is empty; choose another --split")
+    started = time.perf_counter()
+    result = estimate_log_marginal(run.model, x, estimator=estimator, num_samples=samples, batch_size=batch_size,
+                                   max_memory_mb=max_memory_mb, seed=seed, **estimator_options)
+    seconds = time.perf_counter() - started
+    record_ = {"model": run.config["model"], "run": str(run.path), "split": split, "estimator": estimator,
+               "samples": samples, "num_points": len(x), "log_px": result.log_px, "stderr": result.stderr,
+               "nll": -result.log_px, "seconds": round(seconds, 4), **result.extras}
+    if record:
+        run.record_evaluation(record_)
+    return record_
+
+
+def sample(run, n=64, out=None, seed=0, device=None):
+    """Draw ``n`` data points from the fitted model; an image grid (PNG) or a CSV. Returns the path."""
+    run = _as_run(run, device)
+    if int(n) < 1:
+        raise UserError(f"-n must be at least 1, got {n}")
+    image = run.data.is_image
+    out = Path(out) if out else run.path / ("samples.png" if image else "samples.csv")
+    suffix = out.suffix.lower()
+    if image and suffix not in (".png", ".jpg", ".jpeg"):
+        raise UserError(f"image samples are written as a picture; give --out FILE.png (got {out.name!r})")
+    if not image and suffix != ".csv":
+        raise UserError(f"vector samples are written as CSV; give --out FILE.csv (got {out.name!r})")
+    if not out.parent.is_dir():
+        raise UserError(f"folder {str(out.parent)!r} does not exist; create it or choose another --out")
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        trace = pyro.poutine.trace(run.model.model).get_trace(None, num_samples=int(n))
+    x = trace.nodes["x"]["value"].detach()
+    if image:
+        from torchvision.utils import save_image
+
+        save_image(x.float().cpu(), out, nrow=max(1, int(math.sqrt(int(n)))), padding=1, pad_value=0.5)
+    else:
+        import numpy as np
+
+        flat = x.reshape(len(x), -1).cpu().numpy()
+        header = ",".join(f"x{i}" for i in range(flat.shape[1]))
+        np.savetxt(out, flat, delimiter=",", header=header, comments="", fmt="%.6g")
+    return out
+
+
+def diagnose(run, split="test", device=None, **options):
+    """KL per latent dimension, active units, mutual information and a collapse verdict (a dict)."""
+    from .diagnostics import diagnose_run
+
+    return diagnose_run(_as_run(run, device), split=split, **options)
+
+
+def report(run, out=None, split="test", device=None):
+    """Write the HTML report of a run (figures beside it); returns the path of ``index.html``."""
+    from .report import write_report
+
+    run = _as_run(run, device)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the report")
+    return write_report(run, Path(out) if out else None, split=split)
+

@@ -1,0 +1,241 @@
+"""The ``pyro-lvm`` command line: a thin layer over :mod:`pyro_lvm.api`.
+
+Exit status: 0 done; 2 bad input (one line on stderr naming the problem and the fix, no
+traceback); 1 an internal error (set ``PYRO_LVM_DEBUG=1`` for its traceback).
+"""
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+from .errors import UserError
+
+DESCRIPTION = "Latent variable models as Pyro programs: fit with SVI, estimate log p(x), diagnose."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as a :class:`UserError` (one line, exit status 2)."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}; see {self.prog} --help")
+
+
+def _hyperparameter(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"-p takes KEY=VALUE (like -p latent_dim=10), got {text!r}")
+    return key.strip(), value.strip()
+
+
+def _build_parser():
+    parser = _Parser(prog="pyro-lvm", description=DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.add_parser("models", help="list the model zoo")
+    datasets = commands.add_parser("datasets", help="list the data sets and where each is read from")
+    datasets.add_argument("--data-dir", help="data folder (default: $PYRO_LVM_DATA or ./data)")
+
+    fit = commands.add_parser("fit", help="fit a model with SVI into a run directory",
+                              description="Fit MODEL (a zoo name, path/to/file.py:ClassName or "
+                                          "package.module:ClassName) with stochastic variational inference.")
+    fit.add_argument("model", metavar="MODEL")
+    fit.add_argument("--data", help="data set name or .npy/.npz/.csv/.pt path (default: digits; faithful for mog)")
+    fit.add_argument("--data-dir", help="folder of downloaded data sets (default: $PYRO_LVM_DATA or ./data)")
+    fit.add_argument("--binarize", choices=["auto", "none", "static", "dynamic"],
+                     help="binarize intensities (default auto: dynamic for a Bernoulli likelihood on images)")
+    fit.add_argument("-p", dest="hyperparameters", action="append", type=_hyperparameter, default=[],
+                     metavar="KEY=VALUE", help="set a model hyperparameter (repeatable)")
+    fit.add_argument("--objective", help="elbo (default), meanfield, iwae, iwae-dreg")
+    fit.add_argument("--particles", type=int, help="particles K per data point (default 1)")
+    fit.add_argument("--epochs", type=int, help="epochs (default 20)")
+    fit.add_argument("--batch-size", type=int, help="minibatch size (default 100)")
+    fit.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    fit.add_argument("--seed", type=int, help="random seed (default 0); a CPU run repeats exactly")
+    fit.add_argument("--device", help="auto (default), cpu or cuda")
+    fit.add_argument("--out", help="run directory (default: runs/MODEL-DATA)")
+    fit.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    fit.add_argument("--config", help="take the options of an earlier run's config.json (flags override)")
+    fit.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: each epoch)")
+    fit.add_argument("--checkpoint-minutes", type=float, help="also checkpoint every M minutes")
+    fit.add_argument("--on-nan", choices=["stop", "skip"], help="on a NaN loss: stop (default) or skip the step")
+    fit.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+
+    evaluate = commands.add_parser("evaluate", help="estimate log p(x) per data point on a split")
+    evaluate.add_argument("run", metavar="RUN")
+    evaluate.add_argument("--split", default="test", choices=["test", "valid", "train"])
+    evaluate.add_argument("--estimator", default="is", help="elbo, iwae, is (default), exact, ais")
+    evaluate.add_argument("--samples", type=int, help="samples K per point (default: elbo 10, iwae 50, is 1000; chains for ais 16)")
+    evaluate.add_argument("--limit", type=int, help="only the first N points of the split")
+    evaluate.add_argument("--batch-size", type=int, default=100, help="data points per batch (default 100)")
+    evaluate.add_argument("--max-memory-mb", type=float, default=1024, help="memory budget of one chunk of particles (default 1024)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--device", help="override the run's device (auto, cpu, cuda)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    sample = commands.add_parser("sample", help="draw data from a fitted model: image grid or CSV")
+    sample.add_argument("run", metavar="RUN")
+    sample.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
+    sample.add_argument("--out", help="output file (default RUN/samples.png or RUN/samples.csv)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device")
+
+    diagnose = commands.add_parser("diagnose", help="KL per dimension, active units, mutual information, collapse")
+    diagnose.add_argument("run", metavar="RUN")
+    diagnose.add_argument("--split", default="test", choices=["test", "valid", "train"])
+    diagnose.add_argument("--is-samples", type=int, default=100,
+                          help="importance samples for the ELBO-to-log p(x) gap (0 to skip; default 100)")
+    diagnose.add_argument("--device")
+    diagnose.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    report = commands.add_parser("report", help="write an HTML report with figures")
+    report.add_argument("run", metavar="RUN")
+    report.add_argument("--out", help="folder (default RUN/report)")
+    report.add_argument("--split", default="test", choices=["test", "valid", "train"])
+    report.add_argument("--device")
+    return parser
+
+
+def _model_help(model_spec):
+    """The hyperparameters of MODEL for ``pyro-lvm fit MODEL --help``."""
+    from .protocol import hyperparameters, load_model_class
+
+    cls = load_model_class(model_spec)
+    doc = (cls.__doc__ or "").strip().splitlines()
+    lines = [f"{cls.__name__}: {doc[0] if doc else ''}", "hyperparameters (-p KEY=VALUE):"]
+    for key, default in hyperparameters(cls).items():
+        shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
+        lines.append(f"  {key} (default {shown})")
+    return "\n".join(lines)
+
+
+def _cmd_models(args):
+    from .protocol import zoo_models
+
+    for name, summary in zoo_models().items():
+        print(f"{name:14s} {summary}")
+    print("\nOr your own: pyro-lvm fit path/to/file.py:ClassName (see the README)")
+
+
+def _cmd_datasets(args):
+    from .data import describe_datasets
+
+    for name, desc, where in describe_datasets(args.data_dir):
+        print(f"{name:22s} {desc}\n{'':22s} read from: {where}")
+
+
+def _cmd_fit(args):
+    from . import api
+
+    options = {}
+    if args.config:
+        options = api.read_fit_config(args.config)
+    model = args.model if args.model != "-" else options.get("model")
+    flags = {"data_dir": args.data_dir, "binarize": args.binarize, "objective": args.objective,
+             "particles": args.particles, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+             "seed": args.seed, "device": args.device, "checkpoint_every": args.checkpoint_every,
+             "checkpoint_minutes": args.checkpoint_minutes, "on_nan": args.on_nan}
+    options.pop("model", None)
+    data = args.data or options.pop("data", None)
+    options.pop("data", None)
+    options.update({k: v for k, v in flags.items() if v is not None})
+    hparams = dict(options.pop("hyperparameters", {}) or {})
+    hparams.update(dict(args.hyperparameters))
+    out = args.out or os.path.join("runs", f"{os.path.basename(str(model)).split(':')[-1].replace('.py', '')}-"
+                                           f"{os.path.basename(str(data or api.default_data_for(model))).split('.')[0]}")
+    if args.resume:
+        resume_options = {k: v for k, v in flags.items() if k in ("epochs", "device") and v is not None}
+        api.fit(model, out=out, resume=True, progress=not args.quiet,
+                log=(lambda m: None) if args.quiet else None, **resume_options)
+    else:
+        api.fit(model, data, out=out, hyperparameters=hparams, progress=not args.quiet,
+                log=(lambda m: None) if args.quiet else None, **options)
+    print(f"run written to {out}", file=sys.stderr)
+
+
+def _cmd_evaluate(args):
+    from . import api
+
+    record = api.evaluate(args.run, split=args.split, estimator=args.estimator, samples=args.samples,
+                          limit=args.limit, batch_size=args.batch_size, max_memory_mb=args.max_memory_mb,
+                          seed=args.seed, device=args.device)
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"{record['estimator']} (K={record['samples']}) on {record['num_points']} {record['split']} points: "
+              f"log p(x) = {record['log_px']:.4f} +- {record['stderr']:.4f} nats  ({record['seconds']:.2f} s)")
+        for key in sorted(set(record) - {"model", "run", "split", "estimator", "samples", "num_points",
+                                         "log_px", "stderr", "nll", "seconds"}):
+            print(f"  {key}: {record[key]}")
+
+
+def _cmd_sample(args):
+    from . import api
+
+    path = api.sample(args.run, n=args.n, out=args.out, seed=args.seed, device=args.device)
+    print(f"samples written to {path}")
+
+
+def _cmd_diagnose(args):
+    from . import api
+
+    result = api.diagnose(args.run, split=args.split, device=args.device, is_samples=args.is_samples)
+    if args.json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        elif isinstance(value, list) and value and isinstance(value[0], float):
+            value = "[" + ", ".join(f"{v:.3f}" for v in value) + "]"
+        print(f"{key}: {value}")
+
+
+def _cmd_report(args):
+    from . import api
+
+    path = api.report(args.run, out=args.out, split=args.split, device=args.device)
+    print(f"report written to {path}")
+
+
+COMMANDS = {"models": _cmd_models, "datasets": _cmd_datasets, "fit": _cmd_fit, "evaluate": _cmd_evaluate,
+            "sample": _cmd_sample, "diagnose": _cmd_diagnose, "report": _cmd_report}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if len(argv) >= 2 and argv[0] == "fit" and any(a in ("-h", "--help") for a in argv[1:]) \
+                and not argv[1].startswith("-"):
+            parser = _build_parser()
+            fit_parser = parser._subparsers._group_actions[0].choices["fit"]
+            fit_parser.epilog = _model_help(argv[1])
+            fit_parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        else:
+            parser = _build_parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        COMMANDS[args.command](args)
+        return 0
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except UserError as err:
+        message = " ".join(str(err).split())
+        print(f"error: {message}", file=sys.stderr)
+        return err.exit_status
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact: continue with --resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug in pyro-lvm, not bad input
+        if os.environ.get("PYRO_LVM_DEBUG"):
+            traceback.print_exc()
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        print(f"internal error: {type(err).__name__}: {first} (set PYRO_LVM_DEBUG=1 for the traceback, "
+              f"and please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Fitting a model with stochastic variational inference, one readable loop.
+
+Each step draws a minibatch (sliced on the device), computes the objective's differentiable
+loss -- a Pyro ``ELBO`` run on the model and guide under :class:`~pyro_lvm.protocol.DataPlateScale`,
+so that a minibatch of B points estimates the bound on all N training points -- and takes an
+Adam step on the module's parameters. After every epoch the objective's bound is computed on the
+validation split with a fixed seed, a line goes to ``metrics.jsonl`` and a checkpoint is written.
+A checkpoint holds the RNG states, the position in the epoch and the optimizer, so ``--resume``
+after a crash continues exactly as the uninterrupted run would have (bit for bit on CPU).
+"""
+
+import math
+import sys
+import time
+
+import pyro.poutine as poutine
+from pyro.poutine.util import site_is_subsample
+import torch
+
+from .data import DeviceBatches, iterate_in_order
+from .errors import UserError
+from .protocol import DataPlateScale
+from .runs import append_jsonl, atomic_write_bytes, read_jsonl, save_checkpoint
+
+ON_NAN = ("stop", "skip")
+
+
+class TrainingDiverged(UserError):
+    """The loss or a gradient became NaN or infinite; the message names the step and the site."""
+
+
+def resolve_device(name, fallback_to_cpu=False):
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a :class:`UserError`."""
+    name = str(name or "auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            if fallback_to_cpu:
+                return torch.device("cpu")
+            raise UserError("--device cuda was asked for but no CUDA GPU is available here; use --device cpu or auto")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"unknown device {name!r}; use auto, cpu or cuda")
+
+
+def rng_state(device):
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _forked_rng(device, seed):
+    """A context in which randomness is seeded by ``seed`` and the caller's RNG stream is untouched."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def forked():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
+    return forked()
+
+
+def bad_sites(model, guide, batch):
+    """Names of the sample sites whose log-probability is not finite, for the NaN message."""
+    with torch.no_grad(), poutine.block():
+        try:
+            guide_trace = poutine.trace(guide).get_trace(batch)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
+        except Exception as err:  # a distribution refusing NaN parameters names the culprit too
+            return [f"(tracing failed: {str(err).splitlines()[0][:160]})"]
+        names = []
+        for where, trace in (("guide", guide_trace), ("model", model_trace)):
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample" or site_is_subsample(site):
+                    continue
+                value_ok = torch.isfinite(site["value"]).all()
+                logp_ok = torch.isfinite(site["fn"].log_prob(site["value"])).all()
+                if not (value_ok and logp_ok):
+                    names.append(f"{where} site {name!r}")
+        return names
+
+
+def bound_per_point(objective, model, guide, x, batch_size, device, seed):
+    """The objective's bound per data point on ``x`` (unscaled), with a fixed seed."""
+    total = 0.0
+    with _forked_rng(device, seed), torch.no_grad():
+        for batch in iterate_in_order(x, batch_size):
+            total -= objective.loss(model, guide, batch)
+    return total / len(x)
+
+
+def train(lvm, data, objective, config, run_dir, resume_state=None, progress=True, log=print):
+    """Run SVI on ``lvm`` with ``objective`` for ``config["epochs"]`` epochs; returns the metrics.
+
+    ``config`` holds ``epochs``, ``batch_size``, ``lr``, ``seed``, ``checkpoint_every`` (steps,
+    0 for epoch ends only), ``checkpoint_minutes``, ``on_nan`` (``stop`` or ``skip``) and
+    ``data["binarize"]``. ``run_dir`` receives checkpoints, metrics and TensorBoard events.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    device = next(lvm.parameters()).device
+    num_train = len(data.train)
+    batches = DeviceBatches(data.train, config["batch_size"], seed=config["seed"],
+                            dynamic_binarize=data.binarize == "dynamic")
+    scale = DataPlateScale(num_train)
+    model, guide = scale(lvm.model), scale(lvm.guide)
+    optimizer = torch.optim.Adam(lvm.parameters(), lr=config["lr"])
+
+    # Objectives set themselves up lazily at their first call (Pyro guesses max_plate_nesting from
+    # a trace, which draws random numbers). One call under a forked RNG does that now, so the
+    # training stream is the same for a fresh run and for one resumed mid-way.
+    with _forked_rng(device, config["seed"]), torch.no_grad():
+        objective.loss(model, guide, data.valid[:2] if len(data.valid) else data.train[:2])
+
+    epoch, start_step, global_step, elapsed = 0, 0, 0, 0.0
+    running = torch.zeros((), device=device, dtype=torch.float64)
+    running_points = 0
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        set_rng_state(resume_state["rng"], device)
+        epoch, start_step = int(resume_state["epoch"]), int(resume_state["step_in_epoch"])
+        global_step, elapsed = int(resume_state["global_step"]), float(resume_state["seconds"])
+        running = resume_state["running_elbo_sum"].to(device=device, dtype=torch.float64)
+        running_points = int(resume_state["running_points"])
+        _truncate_metrics(run_dir / "metrics.jsonl", epoch)
+
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=global_step if resume_state else None)
+    last_save = time.monotonic()
+    checkpoint_every = int(config.get("checkpoint_every") or 0)
+    checkpoint_seconds = 60.0 * float(config.get("checkpoint_minutes") or 0)
+    on_nan = config.get("on_nan", "stop")
+    skipped = 0
+
+    def checkpoint(next_epoch, next_step):
+        save_checkpoint(run_dir / "checkpoint.pt", {
+            "model": lvm.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(device),
+            "epoch": next_epoch, "step_in_epoch": next_step, "global_step": global_step,
+            "seconds": elapsed + (time.monotonic() - started),
+            "running_elbo_sum": running.detach().cpu(), "running_points": running_points,
+            "skipped_steps": skipped,
+        })
+
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    lvm.train()
+    try:
+        while epoch < config["epochs"]:
+            started = time.monotonic()
+            bar = _progress_bar(len(batches), start_step, epoch, config["epochs"], progress)
+            for step, batch in batches.epoch(epoch, start_step):
+                loss = objective.differentiable_loss(model, guide, batch)
+                optimizer.zero_grad(set_to_none=True)
+                if not torch.isfinite(loss):
+                    _diverged(lvm, batch, epoch, step, global_step, on_nan, log)
+                    skipped += 1
+                    global_step += 1
+                    continue
+                loss.backward()
+                optimizer.step()
+                # The loss is -bound scaled to N points; the running sum stays on the device so
+                # that no step waits for a GPU-to-host copy.
+                running -= loss.detach() * (len(batch) / num_train)
+                running_points += len(batch)
+                global_step += 1
+                if bar is not None:
+                    bar.update(1)
+                    if step % 10 == 0:
+                        bar.set_postfix(loss=f"{-running.item() / max(running_points, 1):.3f}")
+                if checkpoint_every and global_step % checkpoint_every == 0 and step + 1 < len(batches):
+                    checkpoint(epoch, step + 1)
+                    last_save = time.monotonic()
+                elif checkpoint_seconds and time.monotonic() - last_save > checkpoint_seconds and step + 1 < len(batches):
+                    checkpoint(epoch, step + 1)
+                    last_save = time.monotonic()
+            if bar is not None:
+                bar.close()
+
+            lvm.eval()
+            valid = bound_per_point(objective, lvm.model, lvm.guide, data.valid, config["batch_size"],
+                                    device, seed=config["seed"] + 1) if len(data.valid) else float("nan")
+            lvm.train()
+            elapsed += time.monotonic() - started
+            train_elbo = running.item() / max(running_points, 1)
+            record = {"epoch": epoch + 1, "step": global_step, "train_loss": -train_elbo,
+                      "train_elbo": train_elbo, "valid_elbo": valid, "seconds": round(elapsed, 3)}
+            if skipped:
+                record["skipped_steps"] = skipped
+            append_jsonl(run_dir / "metrics.jsonl", record)
+            metrics.append(record)
+            writer.add_scalar("train/elbo", train_elbo, global_step)
+            writer.add_scalar("valid/elbo", valid, global_step)
+            writer.flush()
+            log(f"epoch {epoch + 1}/{config['epochs']}  train bound {train_elbo:.4f}  "
+                f"valid bound {valid:.4f}  ({elapsed:.1f} s)")
+            epoch, start_step = epoch + 1, 0
+            running = torch.zeros((), device=device, dtype=torch.float64)
+            running_points = 0
+            started = time.monotonic()
+            checkpoint(epoch, 0)
+            last_save = time.monotonic()
+    finally:
+        writer.close()
+    lvm.eval()
+    return metrics
+
+
+def _progress_bar(total, initial, epoch, epochs, enabled):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr)
+
+
+def _diverged(lvm, batch, epoch, step, global_step, on_nan, log):
+    sites = bad_sites(lvm.model, lvm.guide, batch) or ["no single site (the loss itself overflowed)"]
+    where = f"epoch {epoch + 1}, step {step} (global step {global_step})"
+    if on_nan == "skip":
+        log(f"warning: non-finite loss at {where} in {', '.join(sites)}; step skipped (--on-nan skip)")
+        return
+    raise TrainingDiverged(
+        f"the loss became NaN or infinite at {where}, in {', '.join(sites)}; the last good checkpoint "
+        f"is kept. Try a lower --lr, a lower bound on scales in the model, or --on-nan skip, then --resume")
+
+
+def _truncate_metrics(path, completed_epochs):
+    """Drop metrics of epochs that the checkpoint being resumed had not completed."""
+    records = [r for r in read_jsonl(path) if r.get("epoch", 0) <= completed_epochs]
+    import json
+
+    atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
+
+
+def check_finite_number(name, value, minimum=None):
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or (minimum is not None and value < minimum):
+        raise UserError(f"{name} must be a finite number{f' >= {minimum}' if minimum is not None else ''}, got {value!r}")
+    return value

@@ -1,0 +1,25 @@
+"""A non-editable install (pip install .) finds the zoo."""
+import os
+import subprocess
+import sys
+
+from helpers import REPO
+
+
+def test_non_editable_install_finds_the_zoo(tmp_path):
+    target = tmp_path / "site"
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                            "--no-compile", "--target", str(target), str(REPO)],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert build.returncode == 0, build.stderr
+    assert (target / "pyro_lvm" / "zoo" / "vae.py").is_file()
+    assert (target / "pyro_lvm" / "data" / "faithful.csv").is_file()
+    code = ("import pyro_lvm, pyro_lvm.protocol as p; "
+            "assert pyro_lvm.__file__.startswith(%r), pyro_lvm.__file__; "
+            "print(sorted(p.zoo_models())); print(p.load_model_class('pixelcnn-vae').__name__); "
+            "from pyro_lvm.data import load_dataset; print(load_dataset('faithful').sizes())") % str(target)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "'mog', 'pixelcnn-vae', 'ppca', 'vae'" in result.stdout
+    assert "PixelCNNVAE" in result.stdout
