@@ -69,6 +69,10 @@ def _build_parser():
     evaluate.add_argument("--limit", type=int, help="only the first N points of the split")
     evaluate.add_argument("--batch-size", type=int, default=100, help="data points per batch (default 100)")
     evaluate.add_argument("--max-memory-mb", type=float, default=1024, help="memory budget of one chunk of particles (default 1024)")
+    evaluate.add_argument("--ais-steps", type=int, help="ais: annealing steps (default 200, sigmoid schedule)")
+    evaluate.add_argument("--proposal", choices=["prior", "guide"], help="ais: start from the prior (default) or the guide")
+    evaluate.add_argument("--bdmc-points", type=int, default=0,
+                          help="ais: also run BDMC on N points simulated from the model (lower and upper bound)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", help="override the run's device (auto, cpu, cuda)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -156,9 +160,11 @@ def _cmd_fit(args):
 def _cmd_evaluate(args):
     from . import api
 
+    ais_options = {key: value for key, value in (("num_steps", args.ais_steps), ("proposal", args.proposal),
+                                                 ("bdmc_points", args.bdmc_points)) if value}
     record = api.evaluate(args.run, split=args.split, estimator=args.estimator, samples=args.samples,
                           limit=args.limit, batch_size=args.batch_size, max_memory_mb=args.max_memory_mb,
-                          seed=args.seed, device=args.device)
+                          seed=args.seed, device=args.device, **ais_options)
     if args.json:
         print(json.dumps(record))
     else:

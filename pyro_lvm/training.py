@@ -10,6 +10,7 @@ after a crash continues exactly as the uninterrupted run would have (bit for bit
 """
 
 import math
+import os
 import sys
 import time
 
@@ -19,6 +20,7 @@ import torch
 
 from .data import DeviceBatches, iterate_in_order
 from .errors import UserError
+from .fast import select_fast_path
 from .protocol import DataPlateScale
 from .runs import append_jsonl, atomic_write_bytes, read_jsonl, save_checkpoint
 
@@ -90,6 +92,30 @@ def bad_sites(model, guide, batch):
         return names
 
 
+def make_step_loss(objective, lvm, num_train, probe, device, config, log=print):
+    """``loss(batch)`` for one training step: the objective's differentiable loss on a minibatch.
+
+    When it is exact for this model, the fast path of :mod:`pyro_lvm.fast` computes it (same value
+    and gradient, a fraction of Pyro's per-step bookkeeping); otherwise the Pyro objective runs on
+    the model and guide under :class:`DataPlateScale`. ``config["fast"] = False`` or the
+    environment variable ``PYRO_LVM_FAST=0`` turns the fast path off.
+    """
+    scale = DataPlateScale(num_train)
+    model, guide = scale(lvm.model), scale(lvm.guide)
+
+    def plain(batch):
+        return objective.differentiable_loss(model, guide, batch)
+
+    if not config.get("fast", True) or os.environ.get("PYRO_LVM_FAST", "1") == "0":
+        return plain
+    # The probe runs under a forked RNG, so the training stream is the same with and without it.
+    with _forked_rng(device, config["seed"]):
+        fast, reason = select_fast_path(objective, lvm, num_train, probe, fallback=plain)
+    if fast is None and config.get("verbose_fast"):
+        log(f"fast path off: {reason}")
+    return fast or plain
+
+
 def bound_per_point(objective, model, guide, x, batch_size, device, seed):
     """The objective's bound per data point on ``x`` (unscaled), with a fixed seed."""
     total = 0.0
@@ -119,8 +145,10 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
     # Objectives set themselves up lazily at their first call (Pyro guesses max_plate_nesting from
     # a trace, which draws random numbers). One call under a forked RNG does that now, so the
     # training stream is the same for a fresh run and for one resumed mid-way.
+    probe = data.valid[:2] if len(data.valid) else data.train[:2]
     with _forked_rng(device, config["seed"]), torch.no_grad():
-        objective.loss(model, guide, data.valid[:2] if len(data.valid) else data.train[:2])
+        objective.loss(model, guide, probe)
+    step_loss = make_step_loss(objective, lvm, num_train, probe, device, config, log)
 
     epoch, start_step, global_step, elapsed = 0, 0, 0, 0.0
     running = torch.zeros((), device=device, dtype=torch.float64)
@@ -139,6 +167,7 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
     checkpoint_every = int(config.get("checkpoint_every") or 0)
     checkpoint_seconds = 60.0 * float(config.get("checkpoint_minutes") or 0)
     on_nan = config.get("on_nan", "stop")
+    schedule_hook = getattr(objective, "set_step", None)
     skipped = 0
 
     def checkpoint(next_epoch, next_step):
@@ -157,7 +186,9 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
             started = time.monotonic()
             bar = _progress_bar(len(batches), start_step, epoch, config["epochs"], progress)
             for step, batch in batches.epoch(epoch, start_step):
-                loss = objective.differentiable_loss(model, guide, batch)
+                if schedule_hook is not None:  # objectives with a schedule (KL warm-up) follow the step
+                    schedule_hook(global_step)
+                loss = step_loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 if not torch.isfinite(loss):
                     _diverged(lvm, batch, epoch, step, global_step, on_nan, log)

@@ -1,0 +1,11 @@
+"""Diagnostics of latent usage: is z used, and how much?
+
+:func:`diagnose_model` reports, over a whole data split, the KL of the guide from the prior per latent
+dimension, the active units, the mutual information between data and code under the aggregate
+posterior, rate, distortion and ELBO, and a posterior-collapse verdict in plain language.
+:func:`diagnose_run` does the same for a fitted run.
+"""
+
+from .diagnose import diagnose_model, diagnose_run, model_device
+
+__all__ = ["diagnose_model", "diagnose_run", "model_device"]

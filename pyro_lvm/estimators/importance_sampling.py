@@ -1,0 +1,264 @@
+"""Importance sampling of log p(x) with many particles, streamed in memory-bounded chunks.
+
+With the guide as proposal, K particles z_k ~ q(z | x) and weights w_k = p(x, z_k) / q(z_k | x),
+
+    log p^(x) = log (1/K) sum_k w_k
+
+is a consistent estimate of log p(x) whose expectation is the K-sample IWAE bound (so it is biased
+low, by less as K grows and as q approaches the posterior). The same weights give the ELBO,
+(1/K) sum_k log w_k, and two diagnostics of the proposal:
+
+- the effective sample size ESS = (sum_k w_k)^2 / sum_k w_k^2, per point, in [1, K];
+- the Pareto k-hat of the weights' upper tail (PSIS, Vehtari et al. 2024, JMLR 25(72)): above 0.7
+  the estimate is unreliable, whatever its standard error says.
+
+Streaming. K can be far larger than fits in memory at once (K = 5000 over a batch of MNIST digits
+is 5000 x batch x 784 decoder outputs). Particles are processed in chunks; each chunk's weights are
+folded into running logsumexps of log w and 2 log w and a running sum of log w, so no [K, batch]
+tensor of model outputs is ever alive. The chunk size comes from ``max_memory_mb`` and the bytes one
+particle needs for one data point, measured on the first chunk (CUDA: the allocator's peak; CPU: the
+trace's tensors, times 3 for activations the trace does not hold). If a chunk still runs out of
+memory it is halved and retried.
+
+Randomness does not depend on the chunking. Particles are drawn in fixed blocks of
+:data:`PARTICLES_PER_SEED`, each block from ``torch.manual_seed(f(seed, batch index, block index))``
+(inside ``torch.random.fork_rng``, so the caller's RNG stream is untouched); the guide runs once per
+block, and a chunk of the model pass takes any slice of the blocks' values. So a tiny memory budget,
+or an out-of-memory retry, gives the same estimate point for point; changing ``batch_size`` changes
+the draws (different blocks), not their distribution.
+
+k-hat needs the weights themselves: per batch the first ``M`` log weights of each point are kept
+(the particles are i.i.d., so they are a random subset), with ``M = K`` when [K, batch] float32 fits
+in a quarter of the budget, else as many as fit (at least 1). k-hat is then computed by
+``arviz.psislw`` on the kept weights; with fewer than about 25 weights per point it is undefined and
+reported as ``None``.
+"""
+
+import math
+import warnings
+
+import numpy as np
+import pyro.poutine as poutine
+import torch
+
+from ..errors import UserError
+from .importance_weights import guide_log_density, model_log_density, trace_guide, trace_model
+
+#: Particles drawn per seeded guide pass. Part of what a ``seed`` means: changing it changes draws.
+PARTICLES_PER_SEED = 128
+
+# CPU memory estimates come from the tensors in the trace; the network's hidden activations are not
+# there, so the estimate is multiplied by this factor.
+_CPU_ACTIVATION_FACTOR = 3.0
+
+
+def block_seed(seed, batch_index, block_index):
+    """The torch seed of one block of particles: a hash of (seed, batch, block)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, batch_index, block_index]).generate_state(2)
+    return int(state[0]) << 32 | int(state[1]) >> 1
+
+
+def is_out_of_memory(err):
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom_type is not None and isinstance(err, oom_type)) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def _particle_axis(site, max_plate_nesting):
+    return site["value"].dim() - site["fn"].event_dim - (max_plate_nesting + 1)
+
+
+class _GuideBlocks:
+    """Guide draws for one batch, block by block, each block from its own seed.
+
+    ``take(start, stop)`` returns the replay trace and log q [stop - start, b] of particles
+    ``start..stop-1``, running (and caching) the guide on the blocks that hold them.
+    """
+
+    def __init__(self, guide, x, num_particles, max_plate_nesting, seed, batch_index, device):
+        self.guide = guide
+        self.x = x
+        self.num_particles = num_particles
+        self.max_plate_nesting = max_plate_nesting
+        self.seed = seed
+        self.batch_index = batch_index
+        self.device = device
+        self.blocks = {}
+
+    def _block(self, index):
+        if index not in self.blocks:
+            size = min(PARTICLES_PER_SEED, self.num_particles - index * PARTICLES_PER_SEED)
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(block_seed(self.seed, self.batch_index, index))
+                guide_trace = trace_guide(self.guide, (self.x,), {}, size, self.max_plate_nesting)
+            log_q, _, _ = guide_log_density(guide_trace, self.max_plate_nesting, size)
+            sites = {name: (site["value"], _particle_axis(site, self.max_plate_nesting), site["infer"])
+                     for name, site in guide_trace.nodes.items()
+                     if site["type"] == "sample" and not site["is_observed"]}
+            log_q = torch.as_tensor(log_q, device=self.x.device).expand(size, self.x.shape[0])
+            self.blocks[index] = (sites, log_q)
+        return self.blocks[index]
+
+    def take(self, start, stop):
+        first, last = start // PARTICLES_PER_SEED, (stop - 1) // PARTICLES_PER_SEED
+        for index in [i for i in self.blocks if i < first]:  # chunks go forward: free used blocks
+            del self.blocks[index]
+        pieces = []
+        for index in range(first, last + 1):
+            lo = max(start - index * PARTICLES_PER_SEED, 0)
+            hi = min(stop - index * PARTICLES_PER_SEED, PARTICLES_PER_SEED)
+            pieces.append((self._block(index), lo, hi))
+        replay = poutine.Trace()
+        for name, (_, axis, infer) in pieces[0][0][0].items():
+            value = torch.cat([sites[name][0].narrow(axis, lo, hi - lo) for (sites, _), lo, hi in pieces],
+                              dim=axis)
+            replay.add_node(name, type="sample", name=name, value=value, is_observed=False, infer=infer)
+        log_q = torch.cat([log_q[lo:hi] for (_, log_q), lo, hi in pieces], dim=0)
+        return replay, log_q
+
+
+def _trace_bytes(model_trace):
+    """Bytes held by the tensors of a model trace (values, distribution parameters, log densities)."""
+    seen, total = set(), 0
+
+    def count(t):
+        nonlocal total
+        if torch.is_tensor(t) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    for site in model_trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        count(site["value"])
+        fn = site["fn"]
+        while fn is not None:
+            for v in vars(fn).values():
+                count(v)
+            fn = getattr(fn, "base_dist", None)
+    return total
+
+
+def model_chunk_log_weights(model, x, replay, log_q, max_plate_nesting, guide_names):
+    """log w [k, b] for one chunk of particles: replay the model on the chunk's guide values."""
+    num_particles = log_q.shape[0]
+    model_trace = trace_model(model, replay, (x,), {}, num_particles, max_plate_nesting)
+    log_p, _ = model_log_density(model_trace, guide_names, max_plate_nesting, num_particles)
+    return log_p - log_q, model_trace
+
+
+class _Accumulator:
+    """Running per-point statistics of log weights over chunks of particles."""
+
+    def __init__(self, batch, keep, device):
+        self.lse = torch.full((batch,), -math.inf, device=device, dtype=torch.float64)
+        self.lse2 = self.lse.clone()
+        self.total = torch.zeros(batch, device=device, dtype=torch.float64)
+        self.keep = keep
+        self.kept = []
+        self.num_kept = 0
+
+    def add(self, log_weights):
+        lw = log_weights.double()
+        self.lse = torch.logaddexp(self.lse, torch.logsumexp(lw, 0))
+        self.lse2 = torch.logaddexp(self.lse2, torch.logsumexp(2 * lw, 0))
+        self.total += lw.sum(0)
+        if self.num_kept < self.keep:
+            piece = lw[: self.keep - self.num_kept].float().cpu()
+            self.kept.append(piece)
+            self.num_kept += piece.shape[0]
+
+
+def pareto_khat(log_weights):
+    """PSIS k-hat per point from log weights [M, b] (CPU); NaN where M is too small to fit a tail."""
+    import arviz
+
+    with warnings.catch_warnings():
+        # arviz warns (FutureWarning) about its planned API change and (UserWarning) about
+        # high k-hat; the values are reported, not printed.
+        warnings.simplefilter("ignore")
+        _, khat = arviz.psislw(log_weights.T.numpy().astype(np.float64))
+    khat = np.asarray(khat, dtype=np.float64)
+    khat[~np.isfinite(khat)] = np.nan
+    return khat
+
+
+def importance_sampling_log_marginal(model, guide, x, num_samples, batch_size, max_memory_mb, seed,
+                                     max_plate_nesting, statistic="is"):
+    """Per-point log p(x) estimates and diagnostics over all of ``x``, chunked to ``max_memory_mb``.
+
+    ``statistic``: ``"is"`` and ``"iwae"`` give log mean_k w_k, ``"elbo"`` mean_k log w_k.
+    Returns ``(per_point [N] float32 on x's device, extras dict)``.
+    """
+    budget = max_memory_mb * 2 ** 20
+    device = x.device
+    per_point, ess, khats = [], [], []
+    bytes_per_particle_point = None
+    chunk = None
+    guide_names = None
+    chunk_sizes = set()
+    for batch_index, xb in enumerate(x.split(batch_size)):
+        b = xb.shape[0]
+        keep = num_samples if num_samples * b * 4 <= budget / 4 else max(1, int(budget / 4 // (4 * b)))
+        acc = _Accumulator(b, keep if statistic == "is" else 0, device)
+        blocks = _GuideBlocks(guide, xb, num_samples, max_plate_nesting, seed, batch_index, device)
+        if bytes_per_particle_point is not None:
+            chunk = max(1, min(num_samples, int(budget // (bytes_per_particle_point * b))))
+        start = 0
+        while start < num_samples:
+            # The first chunk of all is small and measures what a particle costs.
+            size = min(num_samples - start, chunk if chunk is not None else min(16, num_samples))
+            try:
+                replay, log_q = blocks.take(start, start + size)
+                if guide_names is None:
+                    guide_names = set(replay.nodes)
+                if device.type == "cuda" and bytes_per_particle_point is None:
+                    torch.cuda.synchronize(device)
+                    baseline = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                log_weights, model_trace = model_chunk_log_weights(model, xb, replay, log_q,
+                                                                   max_plate_nesting, guide_names)
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                del err
+                if size == 1:
+                    raise UserError("out of memory with a single particle; lower --batch-size") from None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                chunk = max(1, size // 2)
+                if bytes_per_particle_point is not None:  # later batches start from what fitted
+                    bytes_per_particle_point = max(bytes_per_particle_point, budget / (chunk * b))
+                continue
+            if bytes_per_particle_point is None:
+                measured = _trace_bytes(model_trace) * _CPU_ACTIVATION_FACTOR
+                if device.type == "cuda":
+                    measured = max(measured, torch.cuda.max_memory_allocated(device) - baseline)
+                bytes_per_particle_point = max(measured / (size * b), 1.0)
+                chunk = max(1, min(num_samples, int(budget // (bytes_per_particle_point * b))))
+            del model_trace, replay
+            acc.add(log_weights)
+            chunk_sizes.add(size)
+            start += size
+        if statistic == "elbo":
+            estimate = acc.total / num_samples
+        else:
+            estimate = acc.lse - math.log(num_samples)
+        per_point.append(estimate.float())
+        ess.append(torch.exp(2 * acc.lse - acc.lse2).float())
+        if statistic == "is":
+            khats.append(pareto_khat(torch.cat(acc.kept, 0)))
+    per_point = torch.cat(per_point)
+    ess = torch.cat(ess)
+    extras = {"ess_mean": float(ess.mean()), "ess_min": float(ess.min()),
+              "max_chunk_particles": int(max(chunk_sizes))}
+    if statistic == "is":
+        khat = np.concatenate(khats)
+        defined = khat[np.isfinite(khat)]
+        extras.update({
+            "khat_max": float(defined.max()) if defined.size else None,
+            "khat_frac_above_0.7": float((defined > 0.7).mean()) if defined.size else None,
+            "khat_samples": int(min(torch.cat(acc.kept, 0).shape[0], num_samples)),
+        })
+    return per_point, extras

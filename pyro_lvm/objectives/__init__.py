@@ -1,0 +1,127 @@
+"""Training objectives, all subclasses of :class:`pyro.infer.ELBO`, chosen by name.
+
+- ``elbo``: Pyro's ``Trace_ELBO``, or ``TraceEnum_ELBO`` when the model enumerates discrete sites
+  (they are then summed out exactly); particles vectorized.
+- ``meanfield``: Pyro's ``TraceMeanField_ELBO``, the ELBO with analytic KL(q || p) terms where they
+  exist. It cannot sum out enumerated sites, so an enumerated model is refused with a
+  :class:`~pyro_lvm.errors.UserError` that names ``elbo`` and ``iwae`` (a silent fallback to
+  ``TraceEnum_ELBO`` would fit a different estimator than the one asked for).
+- ``iwae``: the K-particle importance-weighted bound (:mod:`pyro_lvm.objectives.iwae`).
+- ``iwae-dreg``: the same bound with doubly-reparameterized gradients (:mod:`pyro_lvm.objectives.dreg`).
+
+Whether the model enumerates is read from ``model_info`` (:func:`pyro_lvm.protocol.inspect_model`)
+when given, otherwise from a trace of the model and guide at the first call.
+"""
+
+import difflib
+
+import pyro.infer
+from pyro.infer import ELBO
+
+from ..errors import UserError
+from ..estimators.importance_weights import guess_max_plate_nesting, model_has_enumeration
+from .dreg import DReG_IWAE_ELBO
+from .iwae import IWAE_ELBO
+
+OBJECTIVES = {
+    "elbo": "evidence lower bound, Pyro's Trace_ELBO (TraceEnum_ELBO when sites are enumerated)",
+    "meanfield": "evidence lower bound with analytic KL terms, Pyro's TraceMeanField_ELBO",
+    "iwae": "importance-weighted bound with K particles (Burda et al. 2015)",
+    "iwae-dreg": "importance-weighted bound, doubly-reparameterized gradients (Tucker et al. 2019)",
+}
+
+
+class EnumerationAwareELBO(ELBO):
+    """An ELBO that picks its Pyro implementation when it first sees the model.
+
+    ``choose(enumerated, max_plate_nesting)`` returns the ELBO to delegate to; ``enumerated`` is
+    known from ``model_info`` or read from a trace of the first (model, guide, args) it is given.
+    """
+
+    def __init__(self, choose, num_particles=1, enumerated=None, max_plate_nesting=None):
+        super().__init__(num_particles=num_particles)
+        self._choose = choose
+        self._enumerated = enumerated
+        self._model_plate_nesting = max_plate_nesting
+        self._elbo = None
+
+    def _delegate(self, model, guide, args, kwargs):
+        if self._elbo is None:
+            if self._enumerated is None:
+                self._enumerated = model_has_enumeration(model, guide, args, kwargs)
+            if self._enumerated and self._model_plate_nesting is None:
+                self._model_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+            self._elbo = self._choose(self._enumerated, self._model_plate_nesting)
+        return self._elbo
+
+    def _get_trace(self, model, guide, args, kwargs):
+        return self._delegate(model, guide, args, kwargs)._get_trace(model, guide, args, kwargs)
+
+    def loss(self, model, guide, *args, **kwargs):
+        return self._delegate(model, guide, args, kwargs).loss(model, guide, *args, **kwargs)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        return self._delegate(model, guide, args, kwargs).loss_and_grads(model, guide, *args, **kwargs)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        return self._delegate(model, guide, args, kwargs).differentiable_loss(model, guide, *args, **kwargs)
+
+
+def _info_enumerated(model_info):
+    if model_info is None:
+        return None
+    return bool(getattr(model_info, "enumerated", []))
+
+
+def _info_plate_nesting(model_info):
+    return getattr(model_info, "max_plate_nesting", None) if model_info is not None else None
+
+
+def get_objective(name, particles=1, model_info=None, **kw):
+    """The objective ``name`` (see :data:`OBJECTIVES`) with ``particles`` vectorized particles.
+
+    :param model_info: optional :class:`pyro_lvm.protocol.ModelInfo`; tells whether the model
+        enumerates sites and how many plates it has, saving a trace at the first call.
+    :param kw: passed to the ELBO's constructor (e.g. ``retain_graph``).
+    :raises UserError: unknown name (with the closest known names), ``particles < 1``, or
+        ``meanfield`` on a model with enumerated sites.
+    """
+    key = str(name).strip().lower().replace("_", "-")
+    if key not in OBJECTIVES:
+        close = difflib.get_close_matches(key, list(OBJECTIVES), n=2, cutoff=0.4)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"choose one of {', '.join(OBJECTIVES)}"
+        raise UserError(f"unknown objective {name!r}; {hint}")
+    particles = int(particles)
+    if particles < 1:
+        raise UserError(f"--particles must be at least 1, got {particles}")
+    enumerated = _info_enumerated(model_info)
+    plate_nesting = _info_plate_nesting(model_info)
+
+    if key == "iwae":
+        return IWAE_ELBO(num_particles=particles,
+                         max_plate_nesting=plate_nesting or float("inf"), **kw)
+    if key == "iwae-dreg":
+        return DReG_IWAE_ELBO(num_particles=particles,
+                              max_plate_nesting=plate_nesting or float("inf"), **kw)
+
+    if key == "elbo":
+        def choose(is_enumerated, max_plate_nesting):
+            if is_enumerated:
+                return pyro.infer.TraceEnum_ELBO(num_particles=particles, vectorize_particles=True,
+                                                 max_plate_nesting=max_plate_nesting, **kw)
+            return pyro.infer.Trace_ELBO(num_particles=particles, vectorize_particles=True,
+                                         max_plate_nesting=max_plate_nesting or float("inf"), **kw)
+    else:
+        def choose(is_enumerated, max_plate_nesting):
+            if is_enumerated:
+                raise UserError("the meanfield objective (analytic KL) cannot sum out the model's "
+                                "enumerated discrete sites; use --objective elbo or iwae")
+            return pyro.infer.TraceMeanField_ELBO(num_particles=particles, vectorize_particles=True,
+                                                  max_plate_nesting=max_plate_nesting or float("inf"), **kw)
+        if enumerated:
+            choose(True, plate_nesting)
+    return EnumerationAwareELBO(choose, num_particles=particles, enumerated=enumerated,
+                                max_plate_nesting=plate_nesting)
+
+
+__all__ = ["OBJECTIVES", "get_objective", "IWAE_ELBO", "DReG_IWAE_ELBO", "EnumerationAwareELBO"]

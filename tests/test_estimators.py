@@ -1,0 +1,287 @@
+"""Per-point log p(x) estimators on models whose answer is known (PPCA, Gaussian mixtures).
+
+The test models are defined here so that the tests stand alone (the zoo is tested elsewhere).
+Tolerances are Monte-Carlo standard errors computed from the estimates themselves.
+"""
+
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from scipy.special import logsumexp
+
+import pyro
+import pyro.distributions as dist
+from pyro.nn import PyroModule
+from torch import nn
+
+from pyro_lvm.errors import UserError
+from pyro_lvm.estimators import ESTIMATORS, estimate_log_marginal
+from pyro_lvm.estimators import importance_sampling
+from pyro_lvm.estimators.importance_weights import importance_log_weights
+
+pyro.settings.set(module_local_params=True)
+
+class LinearGaussian(PyroModule):
+    """PPCA with known parameters: z ~ N(0, I), x | z ~ N(W z + b, s^2 I); linear Gaussian guide."""
+
+    def __init__(self, data_dim=3, latent_dim=2, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.latent_dim = latent_dim
+        self.W = nn.Parameter(torch.randn(data_dim, latent_dim, generator=g))
+        self.b = nn.Parameter(torch.randn(data_dim, generator=g))
+        self.log_s = nn.Parameter(torch.tensor(math.log(0.7)))
+        self.A = nn.Parameter(0.3 * torch.randn(latent_dim, data_dim, generator=g))
+        self.c = nn.Parameter(torch.zeros(latent_dim))
+        self.L_raw = nn.Parameter(torch.eye(latent_dim) * 0.8)
+
+    def model(self, x=None, num_samples=1):
+        n = x.shape[0] if x is not None else num_samples
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Normal(torch.zeros(self.latent_dim), 1.0).to_event(1))
+            loc = z @ self.W.T + self.b
+            return pyro.sample("x", dist.Normal(loc, self.log_s.exp()).to_event(1), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            loc = (x - self.b) @ self.A.T + self.c
+            scale_tril = torch.tril(self.L_raw)
+            pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=scale_tril))
+
+    def log_marginal(self, x):
+        cov = self.W @ self.W.T + self.log_s.exp() ** 2 * torch.eye(self.W.shape[0])
+        return dist.MultivariateNormal(self.b, cov).log_prob(x)
+
+    @torch.no_grad()
+    def set_guide_to_exact_posterior(self):
+        s2 = self.log_s.exp() ** 2
+        cov = torch.linalg.inv(torch.eye(self.latent_dim) + self.W.T @ self.W / s2)
+        self.A.copy_(cov @ self.W.T / s2)
+        self.c.zero_()
+        self.L_raw.copy_(torch.linalg.cholesky(cov))
+
+
+class GaussianMixture(PyroModule):
+    """1-D mixture, c ~ Cat(w) enumerated, x | c ~ N(mu_c, sigma_c^2); the guide samples nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits = nn.Parameter(torch.tensor([0.2, -0.3, 0.5]))
+        self.mu = nn.Parameter(torch.tensor([-2.0, 0.5, 3.0]))
+        self.log_sigma = nn.Parameter(torch.tensor([-0.5, 0.0, 0.3]))
+
+    def model(self, x=None, num_samples=1):
+        n = x.shape[0] if x is not None else num_samples
+        with pyro.plate("data", n):
+            c = pyro.sample("c", dist.Categorical(logits=self.logits), infer={"enumerate": "parallel"})
+            return pyro.sample("x", dist.Normal(self.mu[c].unsqueeze(-1), self.log_sigma.exp()[c].unsqueeze(-1)).to_event(1), obs=x)
+
+    def guide(self, x):
+        pass
+
+
+class MixtureWithContinuousLatent(PyroModule):
+    """c ~ Cat(w) enumerated, u | c ~ N(mu_c, tau^2), x | u ~ N(u, s^2); guide q(u | x) Gaussian."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits = nn.Parameter(torch.tensor([0.0, 0.4]))
+        self.mu = nn.Parameter(torch.tensor([-1.5, 1.5]))
+        self.log_tau = nn.Parameter(torch.tensor(-0.3))
+        self.log_s = nn.Parameter(torch.tensor(-0.5))
+        self.a = nn.Parameter(torch.tensor(0.7))
+        self.b0 = nn.Parameter(torch.tensor(0.0))
+        self.log_q_scale = nn.Parameter(torch.tensor(-0.4))
+
+    def model(self, x=None, num_samples=1):
+        n = x.shape[0] if x is not None else num_samples
+        with pyro.plate("data", n):
+            c = pyro.sample("c", dist.Categorical(logits=self.logits), infer={"enumerate": "parallel"})
+            u = pyro.sample("u", dist.Normal(self.mu[c].unsqueeze(-1), self.log_tau.exp()).to_event(1))
+            return pyro.sample("x", dist.Normal(u, self.log_s.exp()).to_event(1), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("u", dist.Normal(self.a * x + self.b0, self.log_q_scale.exp()).to_event(1))
+
+    def log_marginal(self, x):
+        sd = (self.log_tau.exp() ** 2 + self.log_s.exp() ** 2).sqrt()
+        comp = dist.Normal(self.mu, sd).log_prob(x) + torch.log_softmax(self.logits, -1)
+        return torch.logsumexp(comp, -1)
+
+
+class GlobalLatentModel(PyroModule):
+    """A global latent (outside the data plate): no per-point weight."""
+
+    def model(self, x=None, num_samples=1):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(mu, 1.0).expand([1]).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+
+def _data(lvm, n, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return lvm.model(None, num_samples=n)
+
+
+@pytest.fixture(scope="module")
+def ppca():
+    lvm = LinearGaussian()
+    return lvm, _data(lvm, 60)
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    lvm = GaussianMixture()
+    return lvm, _data(lvm, 60)
+
+
+@pytest.fixture(scope="module")
+def mixture_continuous():
+    lvm = MixtureWithContinuousLatent()
+    return lvm, _data(lvm, 60)
+
+
+def test_exact_ppca_matches_scipy(ppca):
+    lvm, x = ppca
+    est = estimate_log_marginal(lvm, x, "exact")
+    W, b, s = lvm.W.detach().numpy(), lvm.b.detach().numpy(), lvm.log_s.exp().item()
+    expected = scipy.stats.multivariate_normal(b, W @ W.T + s ** 2 * np.eye(3)).logpdf(x.numpy())
+    np.testing.assert_allclose(est.per_point.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert est.log_px == pytest.approx(expected.mean(), abs=1e-5)
+    assert est.stderr == pytest.approx(expected.std(ddof=1) / math.sqrt(len(expected)), rel=1e-4)
+
+
+def test_exact_mixture_by_enumeration_matches_hand_logsumexp(mixture):
+    lvm, x = mixture
+    est = estimate_log_marginal(lvm, x, "exact", batch_size=7)
+    assert est.extras["method"] == "enumeration"
+    log_w = torch.log_softmax(lvm.logits, -1).detach().numpy()
+    mu, sd = lvm.mu.detach().numpy(), lvm.log_sigma.exp().detach().numpy()
+    expected = logsumexp(log_w + scipy.stats.norm.logpdf(x.numpy(), mu, sd), axis=1)
+    np.testing.assert_allclose(est.per_point.numpy(), expected, rtol=1e-5, atol=1e-5)
+    # The guide samples nothing, so every importance estimator is exact too.
+    for name in ("elbo", "iwae", "is"):
+        np.testing.assert_allclose(estimate_log_marginal(lvm, x, name, num_samples=3).per_point.numpy(),
+                                   expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["ppca", "mixture_continuous"])
+def test_is_agrees_with_exact_and_bounds_are_ordered(fixture, request):
+    lvm, x = request.getfixturevalue(fixture)
+    exact = estimate_log_marginal(lvm, x, "exact").per_point
+    est_is = estimate_log_marginal(lvm, x, "is", num_samples=1000, seed=1)
+    # Monte-Carlo standard error of the mean over points of (estimate - exact).
+    diff = est_is.per_point - exact
+    se = diff.std() / math.sqrt(len(diff)) + 1e-6
+    assert abs(diff.mean()) < 3 * se + 0.01, (diff.mean(), se)
+    assert set(est_is.extras) >= {"ess_mean", "khat_max", "khat_frac_above_0.7"}
+    assert 1 <= est_is.extras["ess_mean"] <= 1000
+
+    # elbo <= iwae(5) <= iwae(50) <= exact, in expectation; compare paired per-point means.
+    elbo = estimate_log_marginal(lvm, x, "elbo", num_samples=200, seed=2).per_point
+    iwae5 = torch.stack([estimate_log_marginal(lvm, x, "iwae", num_samples=5, seed=s).per_point
+                         for s in range(20)]).mean(0)
+    iwae50 = torch.stack([estimate_log_marginal(lvm, x, "iwae", num_samples=50, seed=s).per_point
+                          for s in range(20, 30)]).mean(0)
+    for lower, upper in ((elbo, iwae5), (iwae5, iwae50), (iwae50, exact)):
+        d = upper - lower
+        assert d.mean() > -3 * d.std() / math.sqrt(len(d)), (lower.mean(), upper.mean())
+
+
+def test_elbo_is_exact_with_exact_posterior_guide():
+    lvm = LinearGaussian(seed=3)
+    lvm.set_guide_to_exact_posterior()
+    x = _data(lvm, 40, seed=3)
+    exact = estimate_log_marginal(lvm, x, "exact").per_point
+    for name in ("elbo", "iwae", "is"):
+        est = estimate_log_marginal(lvm, x, name, num_samples=10)
+        np.testing.assert_allclose(est.per_point.numpy(), exact.numpy(), atol=2e-4)
+    est = estimate_log_marginal(lvm, x, "is", num_samples=300)
+    assert est.extras["ess_mean"] == pytest.approx(300, rel=1e-3)
+
+
+def test_chunking_does_not_change_the_estimate(ppca, monkeypatch):
+    lvm, x = ppca
+    kwargs = dict(num_samples=300, batch_size=25, seed=7)  # 300 particles: three seed blocks, the last partial
+    whole = estimate_log_marginal(lvm, x, "is", max_memory_mb=512, **kwargs)
+    tiny = estimate_log_marginal(lvm, x, "is", max_memory_mb=0.02, **kwargs)
+    assert whole.extras["max_chunk_particles"] == 300
+    assert tiny.extras["max_chunk_particles"] < 100
+    torch.testing.assert_close(tiny.per_point, whole.per_point, rtol=0, atol=1e-5)
+    assert tiny.extras["ess_mean"] == pytest.approx(whole.extras["ess_mean"], rel=1e-5)
+
+    # A chunk that runs out of memory is halved and retried; the estimate does not change.
+    real = importance_sampling.model_chunk_log_weights
+    calls = []
+
+    def out_of_memory_above_37(model, xb, replay, log_q, *args):
+        calls.append(log_q.shape[0])
+        if log_q.shape[0] > 37:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, xb, replay, log_q, *args)
+
+    monkeypatch.setattr(importance_sampling, "model_chunk_log_weights", out_of_memory_above_37)
+    retried = estimate_log_marginal(lvm, x, "is", max_memory_mb=512, **kwargs)
+    assert max(calls) > 37 and retried.extras["max_chunk_particles"] <= 37
+    torch.testing.assert_close(retried.per_point, whole.per_point, rtol=0, atol=1e-5)
+
+
+def test_seed_fixes_the_draws_and_leaves_the_callers_rng_alone(ppca):
+    lvm, x = ppca
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = estimate_log_marginal(lvm, x, "iwae", num_samples=20, seed=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = estimate_log_marginal(lvm, x, "iwae", num_samples=20, seed=4)
+    c = estimate_log_marginal(lvm, x, "iwae", num_samples=20, seed=5)
+    assert torch.equal(a.per_point, b.per_point) and not torch.equal(a.per_point, c.per_point)
+
+
+def test_log_weights_are_differentiable_and_vectorized(mixture_continuous):
+    lvm, x = mixture_continuous
+    log_w = importance_log_weights(lvm, x[:9], 6)
+    assert log_w.shape == (6, 9)
+    log_w.sum().backward()
+    assert lvm.a.grad is not None and lvm.mu.grad is not None
+
+
+def test_bad_requests_raise_user_errors(ppca):
+    lvm, x = ppca
+    with pytest.raises(UserError, match="did you mean is"):
+        estimate_log_marginal(lvm, x, "iss")
+    with pytest.raises(UserError, match="outside pyro.plate"):
+        estimate_log_marginal(GlobalLatentModel(), torch.randn(5, 1), "is", num_samples=10)
+    with pytest.raises(UserError, match="at least 1"):
+        estimate_log_marginal(lvm, x, "is", num_samples=0)
+
+    class NoMarginal(LinearGaussian):
+        log_marginal = None
+
+    with pytest.raises(UserError, match="is, iwae, elbo or ais"):
+        estimate_log_marginal(NoMarginal(), x, "exact")
+
+
+def test_ais_is_dispatched_lazily(ppca, monkeypatch):
+    lvm, x = ppca
+    seen = {}
+
+    def fake_ais(lvm_, x_, num_chains, **opts):
+        seen.update(num_chains=num_chains, **opts)
+        return torch.zeros(x_.shape[0]), {"num_steps": opts.get("num_steps")}
+
+    monkeypatch.setitem(sys.modules, "pyro_lvm.estimators.ais",
+                        types.SimpleNamespace(annealed_importance_log_marginal=fake_ais))
+    est = estimate_log_marginal(lvm, x, "ais", num_samples=16, num_steps=50)
+    assert seen == {"num_chains": 16, "num_steps": 50}
+    assert est.estimator == "ais" and est.log_px == 0.0 and est.extras == {"num_steps": 50}
+    assert set(ESTIMATORS) == {"elbo", "iwae", "is", "exact", "ais"}
