@@ -15,7 +15,11 @@ noise from other processes on the machine falls on all of them alike:
 For ``elbo``, ``meanfield`` and ``iwae`` with K = 5 it prints per-step medians (ms) and the ratios
 ``ours / hand`` and ``pyro / hand``; ``--json`` prints one JSON object with them instead.
 
-    python benchmarks/svi_overhead.py --steps 200 [--device cuda] [--json]
+    python benchmarks/svi_overhead.py --steps 200 [--device cuda [--no-cuda-graph]] [--json]
+
+On CUDA, ``ours`` replays the step's forward and backward pass as a CUDA graph
+(:mod:`pyro_lvm.cuda_graph`), as ``fit --cuda-graph`` does; ``--no-cuda-graph`` times the eager
+fast path, what ``fit`` does on a GPU without the flag.
 """
 
 import argparse
@@ -32,7 +36,7 @@ from torch.nn import functional as F
 
 from pyro_lvm.objectives import get_objective
 from pyro_lvm.protocol import DataPlateScale, build_model, inspect_model, load_model_class
-from pyro_lvm.training import make_step_loss
+from pyro_lvm.training import make_step_loss, take_step, with_cuda_graph
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -85,18 +89,15 @@ def fit_step(step_loss, lvm, optimizer, num_data, device):
 
     def step(x):
         nonlocal running
-        loss = step_loss(x)
-        optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        loss, finite = take_step(step_loss, optimizer, x)
+        if not finite:
             raise RuntimeError("non-finite loss")
-        loss.backward()
-        optimizer.step()
-        running -= loss.detach() * (len(x) / num_data)
+        running -= loss * (len(x) / num_data)
         return loss
     return step
 
 
-def measure(kind, particles, batches, steps, device, num_data=50000, warmup=20):
+def measure(kind, particles, batches, steps, device, num_data=50000, warmup=20, cuda_graph=True):
     pyro.settings.set(module_local_params=True)
     torch.manual_seed(0)
     lvm = build_model(load_model_class("vae"), batches[0].shape[1:], {}, device)
@@ -107,7 +108,10 @@ def measure(kind, particles, batches, steps, device, num_data=50000, warmup=20):
     ours_scale = DataPlateScale(num_data)
     with torch.no_grad():
         objective.loss(ours_scale(lvm.model), ours_scale(lvm.guide), batches[0][:2])
-    step_loss = make_step_loss(objective, lvm, num_data, batches[0][:2], device, {"seed": 0}, log=print)
+    config = {"seed": 0, "cuda_graph": cuda_graph}
+    step_loss = make_step_loss(objective, lvm, num_data, batches[0][:2], device, config, log=print)
+    fast_path = getattr(step_loss, "kind", None)
+    step_loss = with_cuda_graph(step_loss, lvm, config, device)
     plain_objective = get_objective(kind, particles=particles, model_info=info)
     scale = DataPlateScale(num_data)
     plain_model, plain_guide = scale(plain_vae.model), scale(plain_vae.guide)
@@ -131,7 +135,8 @@ def measure(kind, particles, batches, steps, device, num_data=50000, warmup=20):
                 times[name].append(time.perf_counter() - start)
     medians = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     return {"ms": medians, "ratio": medians["ours"] / medians["hand"], "pyro_ratio": medians["pyro"] / medians["hand"],
-            "fast_path": getattr(step_loss, "kind", None)}
+            "fast_path": fast_path, "cuda_graph": type(step_loss).__name__ == "GraphedStepLoss"
+            and getattr(step_loss, "failed", None) is None}
 
 
 def main(argv=None):
@@ -141,6 +146,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="ours without CUDA graphs (cuda only)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
@@ -150,10 +156,11 @@ def main(argv=None):
     results = {}
     for kind, particles in (("elbo", 1), ("meanfield", 1), ("iwae", 5)):
         label = kind if particles == 1 else f"{kind}_k{particles}"
-        results[label] = measure(kind, particles, batches, args.steps, device)
+        results[label] = measure(kind, particles, batches, args.steps, device, cuda_graph=not args.no_cuda_graph)
     if args.json:
         print(json.dumps({"ratios": {k: round(v["ratio"], 3) for k, v in results.items()},
                           "pyro_ratios": {k: round(v["pyro_ratio"], 3) for k, v in results.items()},
+                          "cuda_graph": {k: v["cuda_graph"] for k, v in results.items()},
                           "median_ms": {k: {n: round(t, 3) for n, t in v["ms"].items()} for k, v in results.items()},
                           "steps": args.steps, "batch_size": args.batch_size, "data": source,
                           "device": str(device), "threads": torch.get_num_threads(),
@@ -161,7 +168,8 @@ def main(argv=None):
                           "machine": platform.processor() or platform.machine()}))
         return
     print(f"VAE 784-200-200-50 tanh, Bernoulli, batch {args.batch_size}, {args.steps} steps, {device}, "
-          f"{torch.get_num_threads()} threads, data {source}; median ms per step")
+          f"{torch.get_num_threads()} threads, data {source}; median ms per step; "
+          f"CUDA graph: {', '.join(k for k, v in results.items() if v['cuda_graph']) or 'none'}")
     print(f"{'objective':<12}{'hand':>8}{'ours':>8}{'pyro':>8}{'ours/hand':>11}{'pyro/hand':>11}")
     for label, r in results.items():
         ms = r["ms"]

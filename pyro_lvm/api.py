@@ -22,7 +22,7 @@ from . import __version__
 from .data import BINARIZATIONS, load_dataset
 from .errors import UserError
 from .protocol import build_model, check_support, inspect_model, load_model_class, resolve_hyperparameters
-from .runs import RunLock, atomic_write_json, load_checkpoint, load_run, read_config
+from .runs import atomic_write_json, load_checkpoint, load_run, read_config
 from .training import ON_NAN, resolve_device, train
 
 FIT_DEFAULTS = {
@@ -40,7 +40,29 @@ FIT_DEFAULTS = {
     "checkpoint_every": 0,
     "checkpoint_minutes": 0,
     "on_nan": "stop",
+    "cuda_graph": False,  # replay each step as a CUDA graph (pyro_lvm/cuda_graph.py); GPU only
+    # remedies for posterior collapse (pyro_lvm/objectives/regularized.py); 0 = off
+    "kl_warmup": 0,
+    "kl_warmup_start": 0.0,
+    "free_bits": 0.0,
 }
+
+# Counts larger than this (particles, epochs, samples, -n) cannot be meant: refused up front, before
+# they overflow a tensor size or ask for petabytes.
+MAX_COUNT = 2 ** 40
+MAX_SEED = 2 ** 32 - 1  # numpy's seed range, which pyro.set_rng_seed uses too
+
+
+def check_count(name, value, minimum=1, maximum=MAX_COUNT):
+    """``value`` as an int in ``[minimum, maximum]``, else a :class:`UserError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise UserError(f"{name} must be an integer between {minimum} and {maximum}, got {value!r}")
+    return value
+
+
+def check_seed(seed, name="--seed"):
+    return check_count(name, seed, 0, MAX_SEED)
+
 
 # Default number of samples (particles, or chains for AIS) per estimator.
 DEFAULT_SAMPLES = {"elbo": 10, "iwae": 50, "is": 1000, "exact": 1, "ais": 16}
@@ -102,16 +124,26 @@ def _check_options(cfg):
     for key, minimum in (("particles", 1), ("epochs", 1), ("batch_size", 1), ("checkpoint_every", 0)):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < minimum:
             raise UserError(f"--{key.replace('_', '-')} must be an integer >= {minimum}, got {cfg[key]!r}")
+    check_count("--particles", cfg["particles"])
+    check_count("--epochs", cfg["epochs"])
     for key in ("lr", "checkpoint_minutes"):
         value = cfg[key]
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
             raise UserError(f"--{key.replace('_', '-')} must be a positive finite number, got {value!r}")
-    if not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
-        raise UserError(f"--seed must be a non-negative integer, got {cfg['seed']!r}")
+    check_seed(cfg["seed"])
     if cfg["binarize"] not in BINARIZATIONS + ("auto",):
         raise UserError(f"--binarize must be one of auto, {', '.join(BINARIZATIONS)}; got {cfg['binarize']!r}")
+    if not isinstance(cfg["cuda_graph"], bool):
+        raise UserError(f"cuda_graph must be True or False, got {cfg['cuda_graph']!r}")
     if cfg["on_nan"] not in ON_NAN:
         raise UserError(f"--on-nan must be one of {', '.join(ON_NAN)}; got {cfg['on_nan']!r}")
+    # remedies (KL warm-up, free bits): values, then the objective they need
+    from .objectives.regularized import check_remedies
+
+    check_remedies(cfg["kl_warmup"], cfg["free_bits"], cfg["kl_warmup_start"])
+    if (cfg["kl_warmup"] or cfg["free_bits"]) and cfg["objective"] not in ("elbo", "meanfield"):
+        raise UserError(f"--kl-warmup and --free-bits apply to --objective elbo or meanfield, not "
+                        f"{cfg['objective']!r} (the importance-weighted bound has no separate KL term)")
 
 
 def read_fit_config(path):
@@ -143,29 +175,36 @@ def read_fit_config(path):
     return options
 
 
-def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=True, log=None, **options):
+def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=True, log=None, distributed=False,
+        **options):
     """Fit ``model`` (a zoo name, ``file.py:Class`` or ``pkg.mod:Class``) and return the :class:`Run`.
 
     ``options`` are those of ``pyro-lvm fit``: ``data_dir``, ``binarize`` (auto, none, static,
     dynamic), ``objective``, ``particles``, ``epochs``, ``batch_size``, ``lr``, ``seed``,
-    ``device``, ``checkpoint_every``, ``checkpoint_minutes``, ``on_nan``. Everything is checked
+    ``device``, ``checkpoint_every``, ``checkpoint_minutes``, ``on_nan``, ``cuda_graph``, and the posterior-collapse
+    remedies ``kl_warmup`` (steps), ``kl_warmup_start`` and ``free_bits`` (nats per dimension). Everything is checked
     before the run directory is created; with ``resume=True`` the run continues from its checkpoint
-    and the stored configuration (``epochs`` may be raised to train longer).
+    and the stored configuration (``epochs`` may be raised to train longer). ``distributed=True``:
+    this process is one of ``torchrun``'s ranks, training data-parallel (:mod:`pyro_lvm.distributed`).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    from .distributed import context_for, run_lock
+
+    ctx = context_for(distributed, options.get("device"))
+    log = ctx.main_only(log) if ctx is not None else log
     unknown = set(options) - set(FIT_DEFAULTS)
     if unknown:
         raise UserError(f"unknown fit option(s) {', '.join(sorted(unknown))}; see pyro-lvm fit --help")
     out = Path(out)
     if resume:
-        return _resume(out, options, progress, log)
+        return _resume(out, options, progress, log, ctx)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"run directory {out} already exists; pass --resume to continue it or choose another --out")
 
     cfg = {**FIT_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     cfg["data"] = data or default_data_for(model)
     _check_options(cfg)
-    device = resolve_device(cfg["device"])
+    device = ctx.device if ctx is not None else resolve_device(cfg["device"])
     cls = load_model_class(model)
     hparams = resolve_hyperparameters(cls, hyperparameters)
 
@@ -183,7 +222,11 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
 
     from .objectives import get_objective
 
-    objective = get_objective(cfg["objective"], particles=cfg["particles"], model_info=info)
+    objective = get_objective(cfg["objective"], particles=cfg["particles"], model_info=info,
+                              **_remedy_options(cfg))
+    if hasattr(objective, "check_model"):  # remedies: refuse a model they do not apply to, before any file
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            objective.check_model(lvm.model, lvm.guide, probe)
     if hasattr(lvm, "initialize"):
         with torch.no_grad():
             lvm.initialize(splits.train if binarize != "dynamic" else torch.bernoulli(splits.train))
@@ -197,26 +240,39 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
         **{k: cfg[k] for k in FIT_DEFAULTS if k not in ("data", "data_dir", "binarize", "hyperparameters")},
         "versions": _versions(),
     }
-    # The run directory appears only now that every input has been checked.
+    # The run directory appears only now that every input has been checked (by every rank).
+    if ctx is not None:
+        ctx.barrier()
     out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out).acquire()
+    lock = run_lock(ctx, out)
     try:
-        atomic_write_json(out / "config.json", config)
+        if ctx is None or ctx.is_main:
+            atomic_write_json(out / "config.json", config)
         log(f"fitting {cls.__name__} on {cfg['data']} ({splits.sizes()['train']} points, {device}) -> {out}")
-        train(lvm, splits, objective, config, out, progress=progress, log=log)
+        train(lvm, splits, objective, config, out, progress=progress, log=log, distributed=ctx)
     finally:
         lock.release()
     return load_run(out, device=str(device))
 
 
-def _resume(out, options, progress, log):
+def _remedy_options(config):
+    """KL warm-up / free bits options of a config (absent in configs written before they existed)."""
+    return {key: config.get(key, FIT_DEFAULTS[key]) for key in ("kl_warmup", "free_bits", "kl_warmup_start")}
+
+
+def _resume(out, options, progress, log, ctx=None):
+    from .distributed import run_lock
+
     config = read_config(out)
-    lock = RunLock(out).acquire()
+    lock = run_lock(ctx, out)
     try:
+        if not (out / "checkpoint.pt").is_file():
+            raise UserError(f"{out} has no checkpoint yet: its fit stopped before writing the first one, so "
+                            f"there is nothing to resume; delete {out} and fit again")
         state = load_checkpoint(out / "checkpoint.pt")
         if options.get("epochs") is not None:
-            config["epochs"] = int(options["epochs"])
-        device = resolve_device(options.get("device") or config["device"])
+            config["epochs"] = check_count("--epochs", int(options["epochs"]))
+        device = ctx.device if ctx is not None else resolve_device(options.get("device") or config["device"])
         data_cfg = config["data"]
         splits = load_dataset(data_cfg["name"], data_cfg.get("data_dir"), data_cfg.get("binarize", "none")).to(device)
         cls = load_model_class(config["model"])
@@ -229,13 +285,16 @@ def _resume(out, options, progress, log):
         from .objectives import get_objective
 
         info = inspect_model(lvm, splits.valid[:2] if len(splits.valid) else splits.train[:2])
-        objective = get_objective(config["objective"], particles=config["particles"], model_info=info)
+        objective = get_objective(config["objective"], particles=config["particles"], model_info=info,
+                                  **_remedy_options(config))
         if state["epoch"] >= config["epochs"]:
             log(f"{out} has finished all {config['epochs']} epochs; pass a larger --epochs to train longer")
         else:
-            atomic_write_json(out / "config.json", config)
+            if ctx is None or ctx.is_main:
+                atomic_write_json(out / "config.json", config)
             log(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
-            train(lvm, splits, objective, config, out, resume_state=state, progress=progress, log=log)
+            train(lvm, splits, objective, config, out, resume_state=state, progress=progress, log=log,
+                  distributed=ctx)
     finally:
         lock.release()
     return load_run(out, device=str(device))
@@ -248,11 +307,17 @@ def _as_run(run, device=None):
 
 
 def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_size=100,
-             max_memory_mb=1024, seed=0, device=None, record=True, **estimator_options):
-    """Estimate log p(x) per data point on a split; returns the JSON record of ``evaluate --json``."""
+             max_memory_mb=1024, seed=0, device=None, record=True, distributed=False, **estimator_options):
+    """Estimate log p(x) per data point on a split; returns the JSON record of ``evaluate --json``.
+
+    ``distributed=True``: this process is one of ``torchrun``'s ranks; the points are sharded over the
+    ranks and the per-point estimates gathered (the same values as one process computes).
+    """
+    from .distributed import context_for, estimate_sharded
     from .estimators import ESTIMATORS, estimate_log_marginal
 
-    run = _as_run(run, device)
+    ctx = context_for(distributed, device)
+    run = _as_run(run, str(ctx.device) if ctx is not None else device)
     if estimator not in ESTIMATORS:
         import difflib
 
@@ -262,6 +327,9 @@ def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_
     samples = DEFAULT_SAMPLES.get(estimator, 1) if samples is None else int(samples)
     if samples < 1:
         raise UserError(f"--samples must be at least 1, got {samples}")
+    check_count("--samples", samples)
+    check_count("--batch-size", batch_size)
+    check_seed(seed)
     x, _ = run.data.split(split)
     if limit is not None:
         if int(limit) < 1:
@@ -273,8 +341,9 @@ def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_
     if estimator != "ais" and (estimator_options or bdmc_points):
         raise UserError(f"--ais-steps, --proposal and --bdmc-points apply to --estimator ais only (got {estimator})")
     started = time.perf_counter()
-    result = estimate_log_marginal(run.model, x, estimator=estimator, num_samples=samples, batch_size=batch_size,
-                                   max_memory_mb=max_memory_mb, seed=seed, **estimator_options)
+    estimate = estimate_log_marginal if ctx is None else (lambda *a, **k: estimate_sharded(ctx, *a, **k))
+    result = estimate(run.model, x, estimator=estimator, num_samples=samples, batch_size=batch_size,
+                      max_memory_mb=max_memory_mb, seed=seed, **estimator_options)
     extras = dict(result.extras)
     if bdmc_points > 0:
         # The sandwich of Grosse et al. (2015): on data simulated from the model, forward AIS is a
@@ -289,7 +358,7 @@ def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_
     record_ = {"model": run.config["model"], "run": str(run.path), "split": split, "estimator": estimator,
                "samples": samples, "num_points": len(x), "log_px": result.log_px, "stderr": result.stderr,
                "nll": -result.log_px, "seconds": round(seconds, 4), **extras}
-    if record:
+    if record and (ctx is None or ctx.is_main):
         run.record_evaluation(record_)
     return record_
 
@@ -299,6 +368,8 @@ def sample(run, n=64, out=None, seed=0, device=None):
     run = _as_run(run, device)
     if int(n) < 1:
         raise UserError(f"-n must be at least 1, got {n}")
+    check_count("-n", int(n))
+    check_seed(seed)
     image = run.data.is_image
     out = Path(out) if out else run.path / ("samples.png" if image else "samples.csv")
     suffix = out.suffix.lower()
@@ -329,12 +400,14 @@ def diagnose(run, split="test", device=None, **options):
     """KL per latent dimension, active units, mutual information and a collapse verdict (a dict)."""
     from .diagnostics import diagnose_run
 
+    if options.get("is_samples") is not None:  # 0 (or less) skips the importance-sampling gap
+        check_count("--is-samples", int(options["is_samples"]), minimum=-MAX_COUNT)
     return diagnose_run(_as_run(run, device), split=split, **options)
 
 
 def report(run, out=None, split="test", device=None):
     """Write the HTML report of a run (figures beside it); returns the path of ``index.html``."""
-    from .report import write_report
+    from .reporting import write_report
 
     run = _as_run(run, device)
     if out is not None and Path(out).exists() and not Path(out).is_dir():

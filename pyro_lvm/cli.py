@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 
-from .errors import UserError
+from .errors import DEVICE_MISMATCH, UserError, mixed_devices_message
 
 DESCRIPTION = "Latent variable models as Pyro programs: fit with SVI, estimate log p(x), diagnose."
 
@@ -59,7 +59,17 @@ def _build_parser():
     fit.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: each epoch)")
     fit.add_argument("--checkpoint-minutes", type=float, help="also checkpoint every M minutes")
     fit.add_argument("--on-nan", choices=["stop", "skip"], help="on a NaN loss: stop (default) or skip the step")
+    fit.add_argument("--cuda-graph", action="store_true", default=None,
+                     help="on a GPU, capture each training step once as a CUDA graph and replay it (several "
+                          "times faster for small models; the model's Python must not change from step to step)")
+    fit.add_argument("--kl-warmup", type=int, metavar="STEPS",
+                     help="KL warm-up: weight the KL term by beta rising linearly to 1 over STEPS steps (default 0: off)")
+    fit.add_argument("--kl-warmup-start", type=float, metavar="BETA", help="beta at step 0 of the warm-up (default 0)")
+    fit.add_argument("--free-bits", type=float, metavar="LAMBDA",
+                     help="free bits: per latent dimension, KL_d -> max(LAMBDA, KL_d) (minibatch mean; default 0: off)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    fit.add_argument("--distributed", action="store_true",
+                     help="data-parallel over torchrun's processes: torchrun --nproc_per_node N -m pyro_lvm.cli fit ...")
 
     evaluate = commands.add_parser("evaluate", help="estimate log p(x) per data point on a split")
     evaluate.add_argument("run", metavar="RUN")
@@ -67,6 +77,8 @@ def _build_parser():
     evaluate.add_argument("--estimator", default="is", help="elbo, iwae, is (default), exact, ais")
     evaluate.add_argument("--samples", type=int, help="samples K per point (default: elbo 10, iwae 50, is 1000; chains for ais 16)")
     evaluate.add_argument("--limit", type=int, help="only the first N points of the split")
+    evaluate.add_argument("--distributed", action="store_true",
+                          help="shard the points over torchrun's processes: torchrun --nproc_per_node N -m pyro_lvm.cli evaluate ...")
     evaluate.add_argument("--batch-size", type=int, default=100, help="data points per batch (default 100)")
     evaluate.add_argument("--max-memory-mb", type=float, default=1024, help="memory budget of one chunk of particles (default 1024)")
     evaluate.add_argument("--ais-steps", type=int, help="ais: annealing steps (default 200, sigmoid schedule)")
@@ -138,7 +150,8 @@ def _cmd_fit(args):
     flags = {"data_dir": args.data_dir, "binarize": args.binarize, "objective": args.objective,
              "particles": args.particles, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
              "seed": args.seed, "device": args.device, "checkpoint_every": args.checkpoint_every,
-             "checkpoint_minutes": args.checkpoint_minutes, "on_nan": args.on_nan}
+             "checkpoint_minutes": args.checkpoint_minutes, "on_nan": args.on_nan, "cuda_graph": args.cuda_graph,
+             "kl_warmup": args.kl_warmup, "kl_warmup_start": args.kl_warmup_start, "free_bits": args.free_bits}
     options.pop("model", None)
     data = args.data or options.pop("data", None)
     options.pop("data", None)
@@ -150,10 +163,10 @@ def _cmd_fit(args):
     if args.resume:
         resume_options = {k: v for k, v in flags.items() if k in ("epochs", "device") and v is not None}
         api.fit(model, out=out, resume=True, progress=not args.quiet,
-                log=(lambda m: None) if args.quiet else None, **resume_options)
+                log=(lambda m: None) if args.quiet else None, distributed=args.distributed, **resume_options)
     else:
         api.fit(model, data, out=out, hyperparameters=hparams, progress=not args.quiet,
-                log=(lambda m: None) if args.quiet else None, **options)
+                log=(lambda m: None) if args.quiet else None, distributed=args.distributed, **options)
     print(f"run written to {out}", file=sys.stderr)
 
 
@@ -164,7 +177,9 @@ def _cmd_evaluate(args):
                                                  ("bdmc_points", args.bdmc_points)) if value}
     record = api.evaluate(args.run, split=args.split, estimator=args.estimator, samples=args.samples,
                           limit=args.limit, batch_size=args.batch_size, max_memory_mb=args.max_memory_mb,
-                          seed=args.seed, device=args.device, **ais_options)
+                          seed=args.seed, device=args.device, distributed=args.distributed, **ais_options)
+    if args.distributed and _rank() != 0:  # every rank holds the result; rank 0 prints it
+        return
     if args.json:
         print(json.dumps(record))
     else:
@@ -173,6 +188,12 @@ def _cmd_evaluate(args):
         for key in sorted(set(record) - {"model", "run", "split", "estimator", "samples", "num_points",
                                          "log_px", "stderr", "nll", "seconds"}):
             print(f"  {key}: {record[key]}")
+
+
+def _rank():
+    import torch.distributed
+
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def _cmd_sample(args):
@@ -208,6 +229,28 @@ COMMANDS = {"models": _cmd_models, "datasets": _cmd_datasets, "fit": _cmd_fit, "
             "sample": _cmd_sample, "diagnose": _cmd_diagnose, "report": _cmd_report}
 
 
+def _environment_error(err):
+    """A one-line message for an error of the machine rather than of pyro-lvm (out of memory, a full
+    disk, no permission), which the user fixes with smaller sizes or another place; else None."""
+    import errno
+
+    text = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    out_of_memory = isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or (
+        isinstance(err, RuntimeError) and any(s in str(err) for s in ("can't allocate memory", "out of memory",
+                                                                    "not enough memory")))
+    if out_of_memory:
+        return (f"out of memory ({text}); lower --batch-size, --particles, --samples, -n or the model's "
+                f"size (-p), or free memory; a fit's last checkpoint is intact (--resume)")
+    if isinstance(err, RuntimeError) and DEVICE_MISMATCH in str(err):
+        return mixed_devices_message(text)
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                                                  errno.EROFS):
+        where = f" {err.filename}" if err.filename else ""
+        return (f"cannot write{where}: {err.strerror or text}; free disk space or fix the permissions; "
+                f"a fit's last checkpoint is intact (--resume)")
+    return None
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -235,6 +278,10 @@ def main(argv=None):
         print("interrupted; the last checkpoint is intact: continue with --resume", file=sys.stderr)
         return 130
     except Exception as err:  # a bug in pyro-lvm, not bad input
+        environment = _environment_error(err)
+        if environment is not None:  # the machine's limits, not a bug: one line, status 2
+            print(f"error: {environment}", file=sys.stderr)
+            return 2
         if os.environ.get("PYRO_LVM_DEBUG"):
             traceback.print_exc()
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""

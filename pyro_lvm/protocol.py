@@ -28,7 +28,7 @@ import pyro.poutine as poutine
 from pyro.poutine.util import site_is_subsample
 import torch
 
-from .errors import UserError
+from .errors import DEVICE_MISMATCH, UserError, mixed_devices_message
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -60,6 +60,8 @@ def _module_from_file(path, qualname_hint):
         raise UserError(f"model file {str(path)!r} does not exist; check the path in MODEL (path/to/file.py:ClassName)")
     module_name = f"pyro_lvm_user_models.{qualname_hint}"
     spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise UserError(f"model file {str(path)!r} is not a Python file; give path/to/file.py:ClassName")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:
@@ -183,14 +185,53 @@ def resolve_hyperparameters(cls, overrides):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
 
 
+def _available_memory_bytes(device):
+    """Memory a new model may take: free GPU memory on CUDA, else the host's available memory
+    (``MemAvailable``, Linux); None where it cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_model_size(cls, data_shape, hparams, device):
+    """Refuse a model too large for the machine before allocating it.
+
+    The class is instantiated once on PyTorch's ``meta`` device, which records shapes and allocates
+    nothing, so ``-p hidden=1000000000`` is a one-line error instead of an allocation that the
+    operating system may grant lazily and then kill the process for.
+    """
+    try:
+        with torch.device("meta"):
+            shell = cls(tuple(data_shape), **hparams)
+        tensors = list(shell.parameters()) + list(shell.buffers())
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    except Exception:  # noqa: BLE001 -- a model meta cannot build is checked by the real build
+        return
+    for where in {torch.device("cpu"), torch.device(device)}:  # built on the CPU, then moved
+        available = _available_memory_bytes(where)
+        if available is not None and nbytes > available:
+            raise UserError(f"{cls.__name__}{tuple(data_shape)} with {hparams or 'default hyperparameters'} has "
+                            f"{nbytes / 2 ** 30:.3g} GiB of parameters, more than the {available / 2 ** 30:.3g} GiB "
+                            f"free on {where}; choose smaller -p sizes")
+
+
 def build_model(cls, data_shape, hparams=None, device="cpu"):
     """Instantiate a model class for data of shape ``data_shape`` and move it to ``device``."""
     hparams = {k: tuple(v) if isinstance(v, list) else v for k, v in (hparams or {}).items()}
+    _check_model_size(cls, data_shape, hparams, device)
     try:
         lvm = cls(tuple(data_shape), **hparams)
     except UserError:
         raise
-    except (TypeError, ValueError, AssertionError) as err:
+    except (TypeError, ValueError, AssertionError, RuntimeError, OverflowError) as err:  # e.g. a negative size
         raise UserError(f"{cls.__name__}{tuple(data_shape)} with {hparams or 'default hyperparameters'} "
                         f"could not be built: {err}; check the -p values and the data's shape") from err
     if not isinstance(lvm, torch.nn.Module):
@@ -270,6 +311,8 @@ def inspect_model(lvm, x):
         except UserError:
             raise
         except (RuntimeError, ValueError, IndexError) as err:
+            if DEVICE_MISMATCH in str(err):
+                raise UserError(mixed_devices_message(str(err).splitlines()[0], type(lvm).__name__)) from err
             raise UserError(f"the data (shape {tuple(x.shape[1:])} per point) do not fit "
                             f"{type(lvm).__name__}: {str(err).splitlines()[0]}; check the data set "
                             f"and the model's hyperparameters") from err

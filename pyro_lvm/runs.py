@@ -60,10 +60,14 @@ def atomic_write_json(path, obj):
 
 
 def append_jsonl(path, obj):
-    """Append one JSON line with a single ``write`` call, so a crash cannot leave half a line."""
+    """Append one JSON line with a single ``write`` call. A torn last line (a crash mid-append, or
+    a full disk) is closed with a newline first, so the new record stays readable on its own."""
     line = (json.dumps(obj, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
         os.write(fd, line)
         os.fsync(fd)
     finally:

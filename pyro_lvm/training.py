@@ -116,6 +116,37 @@ def make_step_loss(objective, lvm, num_train, probe, device, config, log=print):
     return fast or plain
 
 
+def with_cuda_graph(step_loss, lvm, config, device):
+    """``step_loss`` replayed as a CUDA graph (:mod:`pyro_lvm.cuda_graph`) when that is exact and
+    wanted: the fast path's loss on a CUDA device; else ``step_loss`` itself."""
+    from .cuda_graph import GraphedStepLoss, wants_cuda_graph
+    from .fast import FastObjective
+
+    if isinstance(step_loss, FastObjective) and wants_cuda_graph(config, device):
+        return GraphedStepLoss(step_loss, lvm)
+    return step_loss
+
+
+def take_step(step_loss, optimizer, batch, reduce_loss=None):
+    """One SVI step on ``batch``: loss, gradients, the optimizer's update.
+
+    Returns ``(loss, finite)``, the loss detached (reduced over ranks by ``reduce_loss``); a
+    non-finite loss is returned with ``finite=False`` and no update. A ``step_loss`` with
+    ``computes_gradients`` (a replayed CUDA graph) has already written the gradients.
+    """
+    loss = step_loss(batch)
+    value = loss.detach() if reduce_loss is None else reduce_loss(loss.detach())
+    graphed = getattr(step_loss, "computes_gradients", False)
+    if not graphed:
+        optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(value):
+        return value, False
+    if not graphed:
+        loss.backward()
+    optimizer.step()
+    return value, True
+
+
 def bound_per_point(objective, model, guide, x, batch_size, device, seed):
     """The objective's bound per data point on ``x`` (unscaled), with a fixed seed."""
     total = 0.0
@@ -125,12 +156,13 @@ def bound_per_point(objective, model, guide, x, batch_size, device, seed):
     return total / len(x)
 
 
-def train(lvm, data, objective, config, run_dir, resume_state=None, progress=True, log=print):
+def train(lvm, data, objective, config, run_dir, resume_state=None, progress=True, log=print, distributed=None):
     """Run SVI on ``lvm`` with ``objective`` for ``config["epochs"]`` epochs; returns the metrics.
 
     ``config`` holds ``epochs``, ``batch_size``, ``lr``, ``seed``, ``checkpoint_every`` (steps,
     0 for epoch ends only), ``checkpoint_minutes``, ``on_nan`` (``stop`` or ``skip``) and
     ``data["binarize"]``. ``run_dir`` receives checkpoints, metrics and TensorBoard events.
+    ``distributed``: a :class:`pyro_lvm.distributed.Context` to train data-parallel (see there).
     """
     from torch.utils.tensorboard import SummaryWriter
 
@@ -149,6 +181,16 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
     with _forked_rng(device, config["seed"]), torch.no_grad():
         objective.loss(model, guide, probe)
     step_loss = make_step_loss(objective, lvm, num_train, probe, device, config, log)
+    reduce_loss = None  # the loss of the whole global batch, from this process's loss
+    main = distributed is None or distributed.is_main
+    if distributed is None:
+        step_loss = with_cuda_graph(step_loss, lvm, config, device)
+    if distributed is not None:
+        from .distributed import DataParallelLoss
+
+        step_loss = DataParallelLoss(distributed, lvm, step_loss, probe, config["seed"])
+        reduce_loss = step_loss.reduce
+        log, progress = distributed.main_only(log), progress and main
 
     epoch, start_step, global_step, elapsed = 0, 0, 0, 0.0
     running = torch.zeros((), device=device, dtype=torch.float64)
@@ -160,24 +202,41 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
         global_step, elapsed = int(resume_state["global_step"]), float(resume_state["seconds"])
         running = resume_state["running_elbo_sum"].to(device=device, dtype=torch.float64)
         running_points = int(resume_state["running_points"])
-        _truncate_metrics(run_dir / "metrics.jsonl", epoch)
+        if main:
+            _truncate_metrics(run_dir / "metrics.jsonl", epoch)
+    if distributed is not None:
+        from .distributed import rank_seed
 
-    writer = SummaryWriter(log_dir=str(run_dir), purge_step=global_step if resume_state else None)
+        # Rank 0 keeps the single-process stream; the others draw their own latents.
+        ranks = (resume_state or {}).get("rng_ranks")
+        if ranks is not None and len(ranks) == distributed.world_size:
+            set_rng_state(ranks[distributed.rank], device)
+        elif distributed.rank > 0:
+            torch.manual_seed(rank_seed(config["seed"], distributed.rank, global_step))
+
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=global_step if resume_state else None) if main else None
     last_save = time.monotonic()
     checkpoint_every = int(config.get("checkpoint_every") or 0)
-    checkpoint_seconds = 60.0 * float(config.get("checkpoint_minutes") or 0)
+    # Ranks must agree on when to checkpoint: with several, only step counts decide.
+    checkpoint_seconds = 60.0 * float(config.get("checkpoint_minutes") or 0) if distributed is None else 0.0
     on_nan = config.get("on_nan", "stop")
     schedule_hook = getattr(objective, "set_step", None)
     skipped = 0
 
     def checkpoint(next_epoch, next_step):
-        save_checkpoint(run_dir / "checkpoint.pt", {
+        state = {
             "model": lvm.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(device),
             "epoch": next_epoch, "step_in_epoch": next_step, "global_step": global_step,
             "seconds": elapsed + (time.monotonic() - started),
             "running_elbo_sum": running.detach().cpu(), "running_points": running_points,
             "skipped_steps": skipped,
-        })
+        }
+        if distributed is not None:
+            from .distributed import gather_rng_states
+
+            state["rng_ranks"] = gather_rng_states(distributed, state["rng"])
+        if main:
+            save_checkpoint(run_dir / "checkpoint.pt", state)
 
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     lvm.train()
@@ -188,18 +247,15 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
             for step, batch in batches.epoch(epoch, start_step):
                 if schedule_hook is not None:  # objectives with a schedule (KL warm-up) follow the step
                     schedule_hook(global_step)
-                loss = step_loss(batch)
-                optimizer.zero_grad(set_to_none=True)
-                if not torch.isfinite(loss):
+                value, finite = take_step(step_loss, optimizer, batch, reduce_loss)
+                if not finite:
                     _diverged(lvm, batch, epoch, step, global_step, on_nan, log)
                     skipped += 1
                     global_step += 1
                     continue
-                loss.backward()
-                optimizer.step()
                 # The loss is -bound scaled to N points; the running sum stays on the device so
                 # that no step waits for a GPU-to-host copy.
-                running -= loss.detach() * (len(batch) / num_train)
+                running -= value * (len(batch) / num_train)
                 running_points += len(batch)
                 global_step += 1
                 if bar is not None:
@@ -217,7 +273,7 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
 
             lvm.eval()
             valid = bound_per_point(objective, lvm.model, lvm.guide, data.valid, config["batch_size"],
-                                    device, seed=config["seed"] + 1) if len(data.valid) else float("nan")
+                                    device, seed=config["seed"] + 1) if len(data.valid) and main else float("nan")
             lvm.train()
             elapsed += time.monotonic() - started
             train_elbo = running.item() / max(running_points, 1)
@@ -225,11 +281,12 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
                       "train_elbo": train_elbo, "valid_elbo": valid, "seconds": round(elapsed, 3)}
             if skipped:
                 record["skipped_steps"] = skipped
-            append_jsonl(run_dir / "metrics.jsonl", record)
             metrics.append(record)
-            writer.add_scalar("train/elbo", train_elbo, global_step)
-            writer.add_scalar("valid/elbo", valid, global_step)
-            writer.flush()
+            if main:
+                append_jsonl(run_dir / "metrics.jsonl", record)
+                writer.add_scalar("train/elbo", train_elbo, global_step)
+                writer.add_scalar("valid/elbo", valid, global_step)
+                writer.flush()
             log(f"epoch {epoch + 1}/{config['epochs']}  train bound {train_elbo:.4f}  "
                 f"valid bound {valid:.4f}  ({elapsed:.1f} s)")
             epoch, start_step = epoch + 1, 0
@@ -239,7 +296,10 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
             checkpoint(epoch, 0)
             last_save = time.monotonic()
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+    if distributed is not None:
+        distributed.barrier()  # rank 0's last checkpoint is on disk before any rank goes on
     lvm.eval()
     return metrics
 

@@ -163,3 +163,34 @@ def test_bad_input_as_a_real_process_exits_2_without_traceback(tmp_path):
     result = cli_process("fit", "vea", "--out", tmp_path / "run")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+MIXED_DEVICES = """
+import pyro, pyro.distributions as dist, torch
+from pyro.nn import PyroModule
+class Mixed(PyroModule):
+    def __init__(self, data_shape):
+        super().__init__()
+        self.loc = torch.nn.Parameter(torch.zeros(data_shape))
+    def model(self, x=None, num_samples=1):
+        with pyro.plate("data", x.shape[0] if x is not None else num_samples):
+            pyro.sample("x", dist.Normal(self.loc, 1.0).to_event(1), obs=x)
+    def guide(self, x):
+        # what PyTorch raises when a model's CPU tensor meets CUDA data (simulated: no GPU here)
+        raise RuntimeError("Expected all tensors to be on the same device, but found at least two "
+                           "devices, cuda:0 and cpu!")
+"""
+
+
+def test_a_model_that_mixes_devices_is_named_with_the_fix(capsys, out, tmp_path):
+    """CPU tensors built inside a model meet the data on the GPU: exit 2 and how to fix it, both when
+    the model is first traced and when the error comes later (from the training loop, say)."""
+    from pyro_lvm.cli import _environment_error
+    from pyro_lvm.errors import DEVICE_MISMATCH
+
+    model_file = tmp_path / "mixed.py"
+    model_file.write_text(MIXED_DEVICES)
+    assert_refused(capsys, ["fit", f"{model_file}:Mixed", "--data", "faithful", "--out", out],
+                   "Mixed mixes devices", "--device cpu", out=out)
+    message = _environment_error(RuntimeError(f"{DEVICE_MISMATCH}, but found at least two devices, cuda:0 and cpu!"))
+    assert "mixes devices" in message and "--device cpu" in message and "new_zeros" in message

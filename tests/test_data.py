@@ -70,3 +70,11 @@ def test_mnist_and_binarized_mnist_from_the_shared_data(shared_data):
     assert fashion.sizes() == mnist.sizes()
     binarized = load_dataset("binarized-mnist", shared_data)
     assert binarized.sizes() == mnist.sizes() and set(binarized.test.unique().tolist()) == {0.0, 1.0}
+
+
+def test_binary_uint8_images_stay_binary(tmp_path):
+    path = tmp_path / "binary.npz"
+    images = np.random.default_rng(0).integers(0, 2, size=(30, 4, 4), dtype=np.uint8)
+    np.savez(path, train=images[:20], valid=images[20:25], test=images[25:])
+    data = load_dataset(str(path))
+    assert set(data.train.unique().tolist()) == {0.0, 1.0}

@@ -18,7 +18,8 @@ def test_non_editable_install_finds_the_zoo(tmp_path):
             "assert pyro_lvm.__file__.startswith(%r), pyro_lvm.__file__; "
             "print(sorted(p.zoo_models())); print(p.load_model_class('pixelcnn-vae').__name__); "
             "from pyro_lvm.data import load_dataset; print(load_dataset('faithful').sizes())") % str(target)
-    env = {**os.environ, "PYTHONPATH": str(target)}
+    # The install first on the path; whatever else the environment's path holds (its dependencies) after it.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     assert "'mog', 'pixelcnn-vae', 'ppca', 'vae'" in result.stdout

@@ -15,7 +15,7 @@ from pyro.infer import Trace_ELBO
 from pyro.nn import PyroModule
 
 import pyro_lvm  # noqa: F401  (sets module-local Pyro parameters)
-from pyro_lvm.report import write_report
+from pyro_lvm.reporting import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -205,3 +205,13 @@ def test_report_for_a_model_without_guide_latents(tmp_path):
     page = write_report(run)
     assert set(check_page(page)) == {"samples.png", "khat.png"}
     assert "No latent-usage diagnostics: diagnose needs a guide that samples local latents" in page.read_text()
+
+
+def test_the_api_function_report_is_not_shadowed_by_a_subpackage():
+    """``pyro_lvm.report`` stays the API function after the report's modules are imported (a
+    subpackage named ``report`` used to replace it with a module)."""
+    import importlib
+
+    importlib.import_module("pyro_lvm.reporting")
+    pyro_lvm.diagnose  # noqa: B018 -- the lazy API attributes load their modules
+    assert callable(pyro_lvm.report) and pyro_lvm.report.__module__ == "pyro_lvm.api"

@@ -76,11 +76,22 @@ class DataSplits:
 
 
 def _digits(data_dir):
-    from sklearn.datasets import load_digits
+    # Read scikit-learn's bundled file directly: importing sklearn would add over a second to every
+    # command. The table is 1797 rows of 64 pixels (0..16) and the label, as load_digits reads it.
+    import importlib.util
 
-    bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    return _split_by_permutation(x, torch.tensor(bunch.target), (1297, 200, 300)), True, "scikit-learn (bundled)"
+    spec = importlib.util.find_spec("sklearn")
+    bundled = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if bundled is not None and bundled.is_file():
+        table = np.loadtxt(bundled, delimiter=",", dtype=np.float32)
+        images, target = table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    else:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        images, target = bunch.images, bunch.target
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return _split_by_permutation(x, torch.tensor(target), (1297, 200, 300)), True, "scikit-learn (bundled)"
 
 
 def _faithful(data_dir):
@@ -170,7 +181,16 @@ def _as_float_tensor(array, path):
     array = np.asarray(array)
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise UserError(f"{path} holds non-numeric values (dtype {array.dtype}); give a numeric table or image stack")
-    scale = 255.0 if array.dtype == np.uint8 and array.ndim >= 3 else 1.0
+    if np.iscomplexobj(array):
+        raise UserError(f"{path} holds complex numbers (dtype {array.dtype}); give real-valued data")
+    if array.dtype.kind == "f" and array.size:
+        finite = array[np.isfinite(array)]
+        if finite.size and float(np.abs(finite).max()) > float(np.finfo(np.float32).max):
+            raise UserError(f"{path} holds values beyond the float32 range (|x| up to "
+                            f"{float(np.abs(finite).max()):.3g}); rescale the data")
+    # uint8 images are intensities 0..255, unless they are already binary (0/1), as binarized MNIST is.
+    is_binary = array.size > 0 and array.max() <= 1
+    scale = 255.0 if array.dtype == np.uint8 and array.ndim >= 3 and not is_binary else 1.0
     return torch.tensor(array.astype(np.float32) / scale)
 
 
@@ -200,11 +220,15 @@ def _read_file(path):
         elif suffix == ".csv":
             arrays = {"x": _read_csv(path)}
         elif suffix == ".pt":
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            import warnings
+
+            with warnings.catch_warnings():  # torch's note on validating sparse tensors is not for users
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(obj, torch.Tensor):
-                arrays = {"x": obj.numpy()}
+                arrays = {"x": _tensor_to_numpy(obj)}
             elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-                arrays = {k: v.numpy() for k, v in obj.items()}
+                arrays = {k: _tensor_to_numpy(v) for k, v in obj.items()}
             else:
                 raise UserError(f"{path} must hold a tensor or a dict of tensors (train, valid, test)")
         else:
@@ -229,6 +253,16 @@ def _read_file(path):
     return _split_by_permutation(x, None, None)
 
 
+def _tensor_to_numpy(tensor):
+    """A saved tensor as numpy: sparse tensors densified, bfloat16 (which numpy lacks) as float32."""
+    tensor = tensor.detach()
+    if tensor.layout != torch.strided:
+        tensor = tensor.to_dense()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
 def _read_csv(path):
     with open(path, newline="") as f:
         first = f.readline()
@@ -239,7 +273,14 @@ def _read_csv(path):
         skip = 0
     except ValueError:
         skip = 1  # a header row
-    table = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64)
+    import warnings
+
+    with warnings.catch_warnings():  # an empty body is reported below, in one line, not as a warning
+        warnings.simplefilter("ignore", UserWarning)
+        table = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64)
+    if table.size == 0:
+        raise UserError(f"{path} has no data rows{' under its header' if skip else ''}; give a CSV with one "
+                        f"data point per row")
     return table
 
 
@@ -254,7 +295,7 @@ def _check_values(splits, source):
 
 
 def _static_binarize(x):
-    if x.min() < 0 or x.max() > 1:
+    if x.numel() and (x.min() < 0 or x.max() > 1):
         raise UserError("binarization needs intensities in [0, 1]; rescale the data or use --binarize none")
     generator = torch.Generator().manual_seed(_STATIC_BINARIZATION_SEED)
     return torch.bernoulli(x, generator=generator)

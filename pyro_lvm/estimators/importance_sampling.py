@@ -17,8 +17,10 @@ is 5000 x batch x 784 decoder outputs). Particles are processed in chunks; each 
 folded into running logsumexps of log w and 2 log w and a running sum of log w, so no [K, batch]
 tensor of model outputs is ever alive. The chunk size comes from ``max_memory_mb`` and the bytes one
 particle needs for one data point, measured on the first chunk (CUDA: the allocator's peak; CPU: the
-trace's tensors, times 3 for activations the trace does not hold). If a chunk still runs out of
-memory it is halved and retried.
+trace's tensors, times 3 for activations the trace does not hold); on the CPU it is also capped at
+:data:`CPU_CHUNK_BYTES` so that a chunk's tensors stay in cache, and it is aligned to the seed blocks
+below. If a chunk still runs out of memory it is halved and retried. Distribution validation runs on
+the first chunk of each batch only.
 
 Randomness does not depend on the chunking. Particles are drawn in fixed blocks of
 :data:`PARTICLES_PER_SEED`, each block from ``torch.manual_seed(f(seed, batch index, block index))``
@@ -34,10 +36,12 @@ in a quarter of the budget, else as many as fit (at least 1). k-hat is then comp
 reported as ``None``.
 """
 
+import contextlib
 import math
 import warnings
 
 import numpy as np
+import pyro
 import pyro.poutine as poutine
 import torch
 
@@ -50,6 +54,15 @@ PARTICLES_PER_SEED = 128
 # CPU memory estimates come from the tensors in the trace; the network's hidden activations are not
 # there, so the estimate is multiplied by this factor.
 _CPU_ACTIVATION_FACTOR = 3.0
+
+#: On the CPU a chunk is also capped at this many (estimated) bytes, whatever ``max_memory_mb`` allows.
+#: The elementwise work of a model pass (activations, log densities, their sums) is bound by memory
+#: traffic: a chunk whose tensors stay in the last-level cache ran about 2x faster than chunks of
+#: hundreds of MB (784-200-200-50 MNIST VAE, 1 thread), while the matrix products gain nothing from
+#: more rows. Much smaller chunks (a few MB) lose again with 2 threads on a loaded machine, where
+#: every small parallel op waits for a preempted thread; 64 MiB (about 64 particles x 100 MNIST
+#: points) was the best of 8-128 MiB there.
+CPU_CHUNK_BYTES = 64 * 2 ** 20
 
 
 def block_seed(seed, batch_index, block_index):
@@ -111,11 +124,28 @@ class _GuideBlocks:
             pieces.append((self._block(index), lo, hi))
         replay = poutine.Trace()
         for name, (_, axis, infer) in pieces[0][0][0].items():
-            value = torch.cat([sites[name][0].narrow(axis, lo, hi - lo) for (sites, _), lo, hi in pieces],
-                              dim=axis)
+            parts = [sites[name][0].narrow(axis, lo, hi - lo) for (sites, _), lo, hi in pieces]
+            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)  # one block: a view
             replay.add_node(name, type="sample", name=name, value=value, is_observed=False, infer=infer)
-        log_q = torch.cat([log_q[lo:hi] for (_, log_q), lo, hi in pieces], dim=0)
+        parts = [log_q[lo:hi] for (_, log_q), lo, hi in pieces]
+        log_q = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return replay, log_q
+
+
+def chunk_particles(budget, bytes_per_particle_point, batch, num_samples, device):
+    """Particles per chunk: what fits in ``budget`` (and, on the CPU, in :data:`CPU_CHUNK_BYTES`).
+
+    Below ``num_samples`` the size is aligned to the seed blocks (a power of two below
+    :data:`PARTICLES_PER_SEED`, a multiple of it above), so that a chunk never straddles two blocks
+    and its guide values are views, not copies. The chunk size never changes the estimate.
+    """
+    limit = budget if device.type == "cuda" else min(budget, CPU_CHUNK_BYTES)
+    chunk = max(1, int(limit // (bytes_per_particle_point * batch)))
+    if chunk >= num_samples:
+        return num_samples
+    if chunk >= PARTICLES_PER_SEED:
+        return chunk - chunk % PARTICLES_PER_SEED
+    return 1 << (chunk.bit_length() - 1)
 
 
 def _trace_bytes(model_trace):
@@ -174,6 +204,9 @@ def pareto_khat(log_weights):
     """PSIS k-hat per point from log weights [M, b] (CPU); NaN where M is too small to fit a tail."""
     import arviz
 
+    if log_weights.shape[0] < 2:
+        # One weight has no tail to fit (arviz.psislw fails on it): k-hat is undefined there.
+        return np.full(log_weights.shape[1], np.nan)
     with warnings.catch_warnings():
         # arviz warns (FutureWarning) about its planned API change and (UserWarning) about
         # high k-hat; the values are reported, not printed.
@@ -204,21 +237,29 @@ def importance_sampling_log_marginal(model, guide, x, num_samples, batch_size, m
         acc = _Accumulator(b, keep if statistic == "is" else 0, device)
         blocks = _GuideBlocks(guide, xb, num_samples, max_plate_nesting, seed, batch_index, device)
         if bytes_per_particle_point is not None:
-            chunk = max(1, min(num_samples, int(budget // (bytes_per_particle_point * b))))
+            chunk = chunk_particles(budget, bytes_per_particle_point, b, num_samples, device)
         start = 0
         while start < num_samples:
-            # The first chunk of all is small and measures what a particle costs.
-            size = min(num_samples - start, chunk if chunk is not None else min(16, num_samples))
+            # The first chunk of all is small and measures what a particle costs: at most 16 particles,
+            # fewer when a guess of 16 bytes per data element and particle would exceed the budget.
+            if chunk is None:
+                chunk = min(16, chunk_particles(budget, 16.0 * xb[0].numel(), b, num_samples, device))
+            size = min(num_samples - start, chunk)
+            # Distribution and support checks run on the first chunk of each batch (its data, the
+            # first guide block, the model's parameters); later chunks of the batch repeat the same
+            # checks on new particles only, at a cost comparable to the log densities themselves.
+            checks = contextlib.nullcontext() if start == 0 else pyro.validation_enabled(False)
             try:
-                replay, log_q = blocks.take(start, start + size)
-                if guide_names is None:
-                    guide_names = set(replay.nodes)
-                if device.type == "cuda" and bytes_per_particle_point is None:
-                    torch.cuda.synchronize(device)
-                    baseline = torch.cuda.memory_allocated(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                log_weights, model_trace = model_chunk_log_weights(model, xb, replay, log_q,
-                                                                   max_plate_nesting, guide_names)
+                with checks:
+                    replay, log_q = blocks.take(start, start + size)
+                    if guide_names is None:
+                        guide_names = set(replay.nodes)
+                    if device.type == "cuda" and bytes_per_particle_point is None:
+                        torch.cuda.synchronize(device)
+                        baseline = torch.cuda.memory_allocated(device)
+                        torch.cuda.reset_peak_memory_stats(device)
+                    log_weights, model_trace = model_chunk_log_weights(model, xb, replay, log_q,
+                                                                       max_plate_nesting, guide_names)
             except Exception as err:
                 if not is_out_of_memory(err):
                     raise
@@ -236,7 +277,7 @@ def importance_sampling_log_marginal(model, guide, x, num_samples, batch_size, m
                 if device.type == "cuda":
                     measured = max(measured, torch.cuda.max_memory_allocated(device) - baseline)
                 bytes_per_particle_point = max(measured / (size * b), 1.0)
-                chunk = max(1, min(num_samples, int(budget // (bytes_per_particle_point * b))))
+                chunk = chunk_particles(budget, bytes_per_particle_point, b, num_samples, device)
             del model_trace, replay
             acc.add(log_weights)
             chunk_sizes.add(size)

@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..estimators.importance_weights import guess_max_plate_nesting, model_has_enumeration
 from .dreg import DReG_IWAE_ELBO
 from .iwae import IWAE_ELBO
+from .regularized import RegularizedELBO, check_remedies
 
 OBJECTIVES = {
     "elbo": "evidence lower bound, Pyro's Trace_ELBO (TraceEnum_ELBO when sites are enumerated)",
@@ -77,11 +78,16 @@ def _info_plate_nesting(model_info):
     return getattr(model_info, "max_plate_nesting", None) if model_info is not None else None
 
 
-def get_objective(name, particles=1, model_info=None, **kw):
+def get_objective(name, particles=1, model_info=None, kl_warmup=0, free_bits=0.0, kl_warmup_start=0.0, **kw):
     """The objective ``name`` (see :data:`OBJECTIVES`) with ``particles`` vectorized particles.
 
     :param model_info: optional :class:`pyro_lvm.protocol.ModelInfo`; tells whether the model
         enumerates sites and how many plates it has, saving a trace at the first call.
+    :param kl_warmup: KL warm-up over this many steps (``elbo``/``meanfield`` only; 0: off).
+    :param free_bits: free bits lambda, nats per latent dimension (``elbo``/``meanfield`` only; 0: off).
+    :param kl_warmup_start: the KL weight beta at step 0 of the warm-up.
+        With either remedy on, the objective is a
+        :class:`~pyro_lvm.objectives.regularized.RegularizedELBO` (its ``loss`` stays the true ELBO).
     :param kw: passed to the ELBO's constructor (e.g. ``retain_graph``).
     :raises UserError: unknown name (with the closest known names), ``particles < 1``, or
         ``meanfield`` on a model with enumerated sites.
@@ -96,6 +102,20 @@ def get_objective(name, particles=1, model_info=None, **kw):
         raise UserError(f"--particles must be at least 1, got {particles}")
     enumerated = _info_enumerated(model_info)
     plate_nesting = _info_plate_nesting(model_info)
+
+    # --- remedies for posterior collapse (KL warm-up, free bits): pyro_lvm/objectives/regularized.py
+    kl_warmup, free_bits, kl_warmup_start = check_remedies(kl_warmup, free_bits, kl_warmup_start)
+    if kl_warmup or free_bits:
+        if key not in ("elbo", "meanfield"):
+            raise UserError(f"--kl-warmup and --free-bits apply to --objective elbo or meanfield; the "
+                            f"importance-weighted bound of {key!r} has no separate KL term to reweight")
+        if enumerated:
+            raise UserError("--kl-warmup and --free-bits do not support models with enumerated discrete "
+                            "sites; fit this model without them")
+        return RegularizedELBO(base=key, num_particles=particles, kl_warmup=kl_warmup,
+                               kl_warmup_start=kl_warmup_start, free_bits=free_bits,
+                               max_plate_nesting=plate_nesting or float("inf"), **kw)
+    # --- end remedies
 
     if key == "iwae":
         return IWAE_ELBO(num_particles=particles,
@@ -124,4 +144,4 @@ def get_objective(name, particles=1, model_info=None, **kw):
                                 max_plate_nesting=plate_nesting)
 
 
-__all__ = ["OBJECTIVES", "get_objective", "IWAE_ELBO", "DReG_IWAE_ELBO", "EnumerationAwareELBO"]
+__all__ = ["OBJECTIVES", "get_objective", "IWAE_ELBO", "DReG_IWAE_ELBO", "EnumerationAwareELBO", "RegularizedELBO"]
