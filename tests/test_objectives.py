@@ -301,3 +301,28 @@ def test_objective_choice_and_refusals():
     # Plain iwae takes the score-function path for it.
     assert math.isfinite(get_objective("iwae", particles=2).loss_and_grads(bad.model, bad.guide,
                                                                           x.new_zeros(5, 3)))
+
+
+def test_iwae_training_gives_a_better_log_likelihood_than_elbo_training(tmp_path):
+    """Burda et al. (2015): training with the K=5 importance-weighted bound gives a better log p(x)
+    than training with the ELBO, at equal epochs on the same data.
+
+    Both fits: a small vae (latent 8, one hidden layer of 64) on the statically binarized digits,
+    20 epochs, the same seed; then ``is`` with K=1000 on the same 300 test points. The per-point
+    differences are paired, so their standard error carries both fits' point-to-point spread and the
+    estimators' Monte Carlo error. Measured with seeds 0, 1, 2: +0.68, +1.13, +0.75 nats, each at
+    11-15 standard errors; the test asks for 3 standard errors and at least 0.25 nats.
+    """
+    import pyro_lvm
+    from pyro_lvm.estimators import estimate_log_marginal
+
+    per_point = {}
+    for objective, particles in (("elbo", 1), ("iwae", 5)):
+        run = pyro_lvm.fit("vae", data="digits", out=tmp_path / objective, epochs=20, objective=objective,
+                           particles=particles, hyperparameters={"latent_dim": 8, "hidden": (64,)},
+                           binarize="static", seed=0, device="cpu", progress=False, log=lambda m: None)
+        per_point[objective] = estimate_log_marginal(run.model, run.data.test, "is", num_samples=1000,
+                                                     seed=0).per_point.double()
+    difference = per_point["iwae"] - per_point["elbo"]
+    standard_error = float(difference.std() / math.sqrt(difference.numel()))
+    assert float(difference.mean()) > max(3 * standard_error, 0.25), (float(difference.mean()), standard_error)
