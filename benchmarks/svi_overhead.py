@@ -8,7 +8,7 @@ noise from other processes on the machine falls on all of them alike:
   ``backward``, Adam) on its own copy of the same networks;
 - ``ours``: exactly what ``pyro_lvm.training.train`` does per step (``make_step_loss``: the fast
   path when it is exact, else the Pyro objective; ``zero_grad``, the finiteness check, ``backward``,
-  ``step``, the running sum);
+  ``step`` of ``make_optimizer``'s Adam, the running sum);
 - ``pyro``: the Pyro objective's ``differentiable_loss`` on the model and guide under
   ``DataPlateScale``, i.e. the step before the fast path existed.
 
@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from pyro_lvm.objectives import get_objective
 from pyro_lvm.protocol import DataPlateScale, build_model, inspect_model, load_model_class
-from pyro_lvm.training import make_step_loss, take_step, with_cuda_graph
+from pyro_lvm.training import make_optimizer, make_step_loss, take_step, with_cuda_graph
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -118,7 +118,7 @@ def measure(kind, particles, batches, steps, device, num_data=50000, warmup=20, 
 
     runs = {
         "hand": hand_written_step(hand_vae, torch.optim.Adam(hand_vae.parameters(), lr=1e-3), kind, particles, num_data),
-        "ours": fit_step(step_loss, lvm, torch.optim.Adam(lvm.parameters(), lr=1e-3), num_data, device),
+        "ours": fit_step(step_loss, lvm, make_optimizer(lvm, 1e-3), num_data, device),
         "pyro": fit_step(lambda x: plain_objective.differentiable_loss(plain_model, plain_guide, x), plain_vae,
                          torch.optim.Adam(plain_vae.parameters(), lr=1e-3), num_data, device),
     }

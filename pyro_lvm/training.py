@@ -116,6 +116,16 @@ def make_step_loss(objective, lvm, num_train, probe, device, config, log=print):
     return fast or plain
 
 
+def make_optimizer(lvm, lr):
+    """Adam over the model's parameters, in its multi-tensor (``foreach``) form on every device.
+
+    PyTorch picks that form by default on CUDA only; on the CPU its default loops over the tensors in
+    Python. Both forms compute the same values bit for bit; the multi-tensor one makes a dozen calls
+    instead of a dozen per parameter (0.3 ms of a 5-10 ms VAE step on a CPU core).
+    """
+    return torch.optim.Adam(lvm.parameters(), lr=lr, foreach=True)
+
+
 def with_cuda_graph(step_loss, lvm, config, device):
     """``step_loss`` replayed as a CUDA graph (:mod:`pyro_lvm.cuda_graph`) when that is exact and
     wanted: the fast path's loss on a CUDA device; else ``step_loss`` itself."""
@@ -172,7 +182,7 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
                             dynamic_binarize=data.binarize == "dynamic")
     scale = DataPlateScale(num_train)
     model, guide = scale(lvm.model), scale(lvm.guide)
-    optimizer = torch.optim.Adam(lvm.parameters(), lr=config["lr"])
+    optimizer = make_optimizer(lvm, config["lr"])
 
     # Objectives set themselves up lazily at their first call (Pyro guesses max_plate_nesting from
     # a trace, which draws random numbers). One call under a forked RNG does that now, so the
@@ -185,6 +195,9 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
     main = distributed is None or distributed.is_main
     if distributed is None:
         step_loss = with_cuda_graph(step_loss, lvm, config, device)
+    if config.get("cuda_graph") and not getattr(step_loss, "computes_gradients", False):
+        log(f"--cuda-graph has no effect here ({'data-parallel' if distributed is not None else device}"
+            f"{'' if device.type != 'cuda' else ', or a model off the fast path'}); training eagerly")
     if distributed is not None:
         from .distributed import DataParallelLoss
 

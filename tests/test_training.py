@@ -107,3 +107,21 @@ def test_python_api_matches_the_cli(tmp_path):
     record = pyro_lvm.evaluate(run, estimator="exact")
     assert record["num_points"] == 40 and record["log_px"] < 0
     assert run.config["data"]["name"] == "faithful" and len(run.metrics) == 1
+
+
+def test_the_training_optimizer_matches_the_default_adam_bit_for_bit():
+    """fit's multi-tensor Adam (make_optimizer) takes exactly the steps of torch's default Adam."""
+    from pyro_lvm.training import make_optimizer
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [make_optimizer(models[0], 1e-2), torch.optim.Adam(models[1].parameters(), lr=1e-2, foreach=False)]
+    x = torch.randn(20, 5)
+    for _ in range(30):
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            model(x).pow(2).sum().backward()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
