@@ -5,8 +5,10 @@ These run only where PyTorch sees a GPU (the rest of the suite covers the same c
 elsewhere they skip with that reason. Statistical checks compare with closed forms, with tolerances
 from the estimates' own standard errors, exactly as the CPU tests do.
 """
+import contextlib
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -223,13 +225,8 @@ def test_cuda_graph_fit_equals_the_eager_fit(tmp_path, monkeypatch):  # fit --cu
         assert m["train_elbo"] == pytest.approx(n["train_elbo"], rel=1e-5)
 
 
+@contextlib.contextmanager
 def _no_warning():
-    import contextlib
-    import warnings
-
-    @contextlib.contextmanager
-    def context():
-        with warnings.catch_warnings():
-            warnings.filterwarnings("error", message=".*CUDA graph capture failed.*")
-            yield
-    return context()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*CUDA graph capture failed.*")
+        yield
