@@ -118,25 +118,29 @@ import torch
 run = pyro_lvm.load_run(sys.argv[1], device=sys.argv[5])
 cuda = run.device.type == "cuda"
 pyro_lvm.evaluate(run, estimator="is", samples=2, limit=2, record=False)   # warm: imports, first traces
+def evaluate():
+    return pyro_lvm.evaluate(run, estimator="is", samples=int(sys.argv[2]), limit=int(sys.argv[3]),
+                             max_memory_mb=float(sys.argv[4]), record=False)
 if cuda:  # the caching allocator's own peak counter: exact, no sampling needed
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    rss = torch.cuda.memory_allocated
-base, peak, done = rss(), [0], threading.Event()
-def watch():
-    while not done.is_set():
-        peak[0] = max(peak[0], rss())
-        time.sleep(0.001)
-watcher = threading.Thread(target=watch)
-watcher.start()
-r = pyro_lvm.evaluate(run, estimator="is", samples=int(sys.argv[2]), limit=int(sys.argv[3]),
-                      max_memory_mb=float(sys.argv[4]), record=False)
-done.set()
-watcher.join()
-if cuda:
+    base = torch.cuda.memory_allocated()
+    r = evaluate()
     torch.cuda.synchronize()
-    peak[0] = torch.cuda.max_memory_allocated()
-print(json.dumps({"peak_increase_mb": round((max(peak[0], rss()) - base) / 2 ** 20, 1), "log_px": r["log_px"],
+    peak = torch.cuda.max_memory_allocated()
+else:
+    base, highest, done = rss(), [0], threading.Event()
+    def watch():
+        while not done.is_set():
+            highest[0] = max(highest[0], rss())
+            time.sleep(0.001)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    r = evaluate()
+    done.set()
+    watcher.join()
+    peak = max(highest[0], rss())
+print(json.dumps({"peak_increase_mb": round((peak - base) / 2 ** 20, 1), "log_px": r["log_px"],
                   "seconds": r["seconds"], "max_chunk_particles": r.get("max_chunk_particles")}))
 """
 

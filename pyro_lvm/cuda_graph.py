@@ -72,7 +72,7 @@ class GraphedStepLoss:
     def __init__(self, loss_fn, lvm, warmup=2):
         self.loss_fn, self.lvm, self.warmup = loss_fn, lvm, warmup
         self.params = [p for p in lvm.parameters() if p.requires_grad]
-        self.graphs = {}  # batch shape -> (graph, static input, static loss)
+        self.captured = None  # (graph, static input, static loss), for the first batch's shape
         self.failed = None  # the reason, once capture has failed
 
     def _eager(self, x):
@@ -90,13 +90,6 @@ class GraphedStepLoss:
         return loss.detach()
 
     def _capture(self, x):
-        with warnings.catch_warnings():
-            # PyTorch warns when a parameter's gradient accumulator was first made on another stream
-            # (by an earlier eager pass); the capture then either works or raises, and we fall back.
-            warnings.filterwarnings("ignore", message=_STREAM_MISMATCH)
-            return self._warm_up_and_capture(x)
-
-    def _warm_up_and_capture(self, x):
         device = x.device
         rng = torch.cuda.get_rng_state(device)
         buffers = [b.clone() for b in self.lvm.buffers()]
@@ -105,18 +98,22 @@ class GraphedStepLoss:
         # require; its draws and any buffer updates are undone, so training sees none of it.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), _ScalarsOnDevice():
-            for _ in range(self.warmup):
-                for p in self.params:
-                    p.grad = None
-                self.loss_fn(static_x).backward()
-        torch.cuda.current_stream(device).wait_stream(side)
-        for p in self.params:
-            p.grad = None
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), _ScalarsOnDevice():
-            static_loss = self.loss_fn(static_x)
-            static_loss.backward()
+        with warnings.catch_warnings():
+            # PyTorch warns when a parameter's gradient accumulator was first made on another stream
+            # (by an earlier eager pass); the capture then either works or raises, and we fall back.
+            warnings.filterwarnings("ignore", message=_STREAM_MISMATCH)
+            with torch.cuda.stream(side), _ScalarsOnDevice():
+                for _ in range(self.warmup):
+                    for p in self.params:
+                        p.grad = None
+                    self.loss_fn(static_x).backward()
+            torch.cuda.current_stream(device).wait_stream(side)
+            for p in self.params:
+                p.grad = None
+            with torch.cuda.graph(graph), _ScalarsOnDevice():
+                static_loss = self.loss_fn(static_x)
+                static_loss.backward()
         torch.cuda.set_rng_state(rng, device)
         with torch.no_grad():
             for b, saved in zip(self.lvm.buffers(), buffers):
@@ -124,20 +121,18 @@ class GraphedStepLoss:
         return graph, static_x, static_loss
 
     def __call__(self, x):
-        key = tuple(x.shape)
-        if self.failed is None and key not in self.graphs and not self.graphs:
+        if self.captured is None and self.failed is None:
             try:
-                self.graphs[key] = self._capture(x)
+                self.captured = self._capture(x)
             except Exception as err:  # noqa: BLE001 -- any capture error: run eagerly instead
                 self.failed = f"{type(err).__name__}: {err}"
                 torch.cuda.synchronize(x.device)
                 for p in self.params:
                     p.grad = None
                 warnings.warn(f"pyro-lvm: CUDA graph capture failed ({self.failed}); training eagerly")
-        entry = self.graphs.get(key)
-        if entry is None:
+        if self.captured is None or self.captured[1].shape != x.shape:
             return self._eager(x)
-        graph, static_x, static_loss = entry
+        graph, static_x, static_loss = self.captured
         static_x.copy_(x)
         graph.replay()
         return static_loss.detach().clone()

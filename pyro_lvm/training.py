@@ -196,8 +196,8 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
     if distributed is None:
         step_loss = with_cuda_graph(step_loss, lvm, config, device)
     if config.get("cuda_graph") and not getattr(step_loss, "computes_gradients", False):
-        log(f"--cuda-graph has no effect here ({'data-parallel' if distributed is not None else device}"
-            f"{'' if device.type != 'cuda' else ', or a model off the fast path'}); training eagerly")
+        log("--cuda-graph has no effect here: it needs a CUDA device, one process and a model on the fast "
+            "path; training eagerly")
     if distributed is not None:
         from .distributed import DataParallelLoss
 
