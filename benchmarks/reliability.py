@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 
-import pyro_lvm.training  # noqa: E402
+import pyro_lvm.training.loop  # noqa: E402
 import test_faults as F  # noqa: E402
 import test_hostile_input as H  # noqa: E402
 from pyro_lvm import runs  # noqa: E402
@@ -107,11 +107,11 @@ def fault_scenarios(work, tally, quick):
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
             real_save(path, state)
 
-        pyro_lvm.training.save_checkpoint = save
+        pyro_lvm.training.loop.save_checkpoint = save
         try:
             code, err = quiet_cli(*F.FIT, "--out", out)
         finally:
-            pyro_lvm.training.save_checkpoint = real_save
+            pyro_lvm.training.loop.save_checkpoint = real_save
         resumed, _ = quiet_cli("fit", "-", "--out", out, "--resume", "--quiet")
         tally.add(f"disk full at checkpoint #{k}", code == 2 and "No space left" in err, resumed == 0,
                   resumed == 0 and same_as_reference(out, reference))
@@ -127,11 +127,11 @@ def fault_scenarios(work, tally, quick):
             if count[0] == k:
                 copies.update({p.name: p.read_bytes() for p in Path(path).parent.iterdir() if p.is_file()})
 
-        pyro_lvm.training.save_checkpoint = save
+        pyro_lvm.training.loop.save_checkpoint = save
         try:
             assert quiet_cli(*F.FIT, "--out", work / f"torn-source-{k}")[0] == 0
         finally:
-            pyro_lvm.training.save_checkpoint = real_save
+            pyro_lvm.training.loop.save_checkpoint = real_save
         out.mkdir()
         for name, data in copies.items():
             (out / name).write_bytes(data)

@@ -18,7 +18,7 @@ For ``elbo``, ``meanfield`` and ``iwae`` with K = 5 it prints per-step medians (
     python benchmarks/svi_overhead.py --steps 200 [--device cuda [--no-cuda-graph]] [--json]
 
 On CUDA, ``ours`` replays the step's forward and backward pass as a CUDA graph
-(:mod:`pyro_lvm.cuda_graph`), as ``fit --cuda-graph`` does; ``--no-cuda-graph`` times the eager
+(:mod:`pyro_lvm.training.cuda_graph`), as ``fit --cuda-graph`` does; ``--no-cuda-graph`` times the eager
 fast path, what ``fit`` does on a GPU without the flag.
 """
 

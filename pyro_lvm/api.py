@@ -23,7 +23,8 @@ from .data import BINARIZATIONS, load_dataset
 from .errors import UserError
 from .protocol import build_model, check_support, inspect_model, load_model_class, resolve_hyperparameters
 from .runs import atomic_write_json, load_checkpoint, load_run, read_config
-from .training import ON_NAN, resolve_device, train
+from .device import resolve_device
+from .training import ON_NAN, train
 
 FIT_DEFAULTS = {
     "data": None,  # the model's default data set (see default_data_for)
@@ -40,7 +41,7 @@ FIT_DEFAULTS = {
     "checkpoint_every": 0,
     "checkpoint_minutes": 0,
     "on_nan": "stop",
-    "cuda_graph": False,  # replay each step as a CUDA graph (pyro_lvm/cuda_graph.py); GPU only
+    "cuda_graph": False,  # replay each step as a CUDA graph (pyro_lvm/training/cuda_graph.py); GPU only
     # remedies for posterior collapse (pyro_lvm/objectives/regularized.py); 0 = off
     "kl_warmup": 0,
     "kl_warmup_start": 0.0,
@@ -185,10 +186,10 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
     remedies ``kl_warmup`` (steps), ``kl_warmup_start`` and ``free_bits`` (nats per dimension). Everything is checked
     before the run directory is created; with ``resume=True`` the run continues from its checkpoint
     and the stored configuration (``epochs`` may be raised to train longer). ``distributed=True``:
-    this process is one of ``torchrun``'s ranks, training data-parallel (:mod:`pyro_lvm.distributed`).
+    this process is one of ``torchrun``'s ranks, training data-parallel (:mod:`pyro_lvm.training.distributed`).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    from .distributed import context_for, run_lock
+    from .training.distributed import context_for, run_lock
 
     ctx = context_for(distributed, options.get("device"))
     log = ctx.main_only(log) if ctx is not None else log
@@ -261,7 +262,7 @@ def _remedy_options(config):
 
 
 def _resume(out, options, progress, log, ctx=None):
-    from .distributed import run_lock
+    from .training.distributed import run_lock
 
     config = read_config(out)
     lock = run_lock(ctx, out)
@@ -313,7 +314,7 @@ def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_
     ``distributed=True``: this process is one of ``torchrun``'s ranks; the points are sharded over the
     ranks and the per-point estimates gathered (the same values as one process computes).
     """
-    from .distributed import context_for, estimate_sharded
+    from .training.distributed import context_for, estimate_sharded
     from .estimators import ESTIMATORS, estimate_log_marginal
 
     ctx = context_for(distributed, device)

@@ -201,7 +201,7 @@ def load_run(run_dir, device=None):
     """Load a run directory: rebuild the model from its config and load its last checkpoint."""
     from .data import load_dataset
     from .protocol import build_model, load_model_class
-    from .training import resolve_device
+    from .device import resolve_device
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)

@@ -7,6 +7,15 @@ import torch
 # Two pytest-xdist workers share two cores: one thread each keeps them from fighting.
 torch.set_num_threads(1)
 
+if os.environ.get("PYRO_LVM_TEST_INSTALLED"):
+    # .ci/test-installed: the suite must exercise the installed package, never the checkout's source.
+    import pyro_lvm
+
+    _where = Path(pyro_lvm.__file__).resolve()
+    assert Path(__file__).resolve().parent.parent / "pyro_lvm" not in _where.parents, \
+        f"pyro_lvm imported from the checkout's source: {_where}"
+    assert "site-packages" in _where.parts, f"pyro_lvm is not an installed copy: {_where}"
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("PYRO_LVM_DATA", REPO.parent / "shared" / "data"))
 

@@ -118,7 +118,7 @@ def test_remedies_train_on_cuda(tmp_path):
 
 def test_fast_path_matches_the_pyro_objective_on_cuda():
     """The fast path's loss and gradients equal the Pyro objective's on the GPU as on the CPU."""
-    from pyro_lvm.fast import FastObjective, select_fast_path
+    from pyro_lvm.training.fast import FastObjective, select_fast_path
     from pyro_lvm.objectives import get_objective
     from pyro_lvm.protocol import DataPlateScale, build_model, inspect_model, load_model_class
 
@@ -203,9 +203,9 @@ def test_cli_end_to_end_on_cuda(tmp_path):
 
 
 def test_cuda_graph_fit_equals_the_eager_fit(tmp_path, monkeypatch):  # fit --cuda-graph
-    """Replaying the captured step (pyro_lvm/cuda_graph.py) trains the same parameters as the eager
+    """Replaying the captured step (pyro_lvm/training/cuda_graph.py) trains the same parameters as the eager
     fast path: same kernels, same random numbers; the short last batch of each epoch runs eagerly."""
-    from pyro_lvm import cuda_graph
+    from pyro_lvm.training import cuda_graph
 
     captures = []
     original = cuda_graph.GraphedStepLoss._capture

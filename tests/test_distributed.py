@@ -11,7 +11,7 @@ from helpers import REPO
 
 import pyro_lvm
 from pyro_lvm.errors import UserError
-from pyro_lvm.distributed import _combine_extras, shard_bounds
+from pyro_lvm.training.distributed import _combine_extras, shard_bounds
 
 # A MAP autoencoder: the guide is a point mass, so a training step is a deterministic function of the
 # batch and two processes must reach the single process's parameters up to float rounding.
@@ -47,7 +47,7 @@ def _worker(rank, world, port, tmp, model_spec, data, fa_run):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from pyro_lvm.distributed import estimate_sharded, setup
+    from pyro_lvm.training.distributed import estimate_sharded, setup
 
     pyro_lvm.fit(model_spec, data=data, out=os.path.join(tmp, "ddp"), distributed=True, **FIT)
     ctx = setup("cpu")

@@ -6,7 +6,7 @@ import torch
 from pyro.nn import PyroModule
 
 import pyro_lvm
-from pyro_lvm.fast import FastObjective, select_fast_path
+from pyro_lvm.training.fast import FastObjective, select_fast_path
 from pyro_lvm.objectives import get_objective
 from pyro_lvm.protocol import DataPlateScale, build_model, inspect_model, load_model_class
 

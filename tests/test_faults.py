@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, cli_process
+from helpers import PROCESS_CWD, REPO, cli_process
 
-import pyro_lvm.training
+import pyro_lvm.training.loop
 from pyro_lvm import runs
 from pyro_lvm.cli import main
 
@@ -72,7 +72,7 @@ class RecordSaves:
                 # the run directory as a crash right after this checkpoint would leave it
                 self.copies = {p.name: p.read_bytes() for p in Path(path).parent.iterdir() if p.is_file()}
 
-        monkeypatch.setattr(pyro_lvm.training, "save_checkpoint", save)
+        monkeypatch.setattr(pyro_lvm.training.loop, "save_checkpoint", save)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ KILLER = r'''
 import os, signal, sys
 import torch
 torch.set_num_threads(1)
-import pyro_lvm.training as training
+import pyro_lvm.training.loop as training
 from pyro_lvm import runs
 
 mode, kill_at, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
@@ -181,7 +181,7 @@ sys.exit(main(args))
 def run_killer(tmp_path, mode, kill_at, *args):
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
-    return subprocess.run([sys.executable, str(script), mode, str(kill_at), *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, str(script), mode, str(kill_at), *map(str, args)], cwd=PROCESS_CWD,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -223,7 +223,7 @@ def test_checkpoint_minutes_checkpoints_mid_epoch_and_resumes_from_there_bit_ide
         clock[0] += 25.0
         return clock[0]
 
-    monkeypatch.setattr(pyro_lvm.training.time, "monotonic", monotonic)
+    monkeypatch.setattr(pyro_lvm.training.loop.time, "monotonic", monotonic)
     saves = RecordSaves(monkeypatch, copy_at=lambda save: save[0] == 1 and save[1] > 0)
     args = [a for a in FIT if a not in ("--checkpoint-every", "4")]
     assert run_cli(*args, "--checkpoint-minutes", "1", "--out", tmp_path / "timed") == 0
@@ -303,7 +303,7 @@ def test_a_running_fit_holds_its_run_and_a_killed_one_lets_go(tmp_path, referenc
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     first = subprocess.Popen([sys.executable, "-m", "pyro_lvm.cli", "fit", "-", "--out", str(run), "--resume",
-                              "--epochs", "1000000", "--quiet"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                              "--epochs", "1000000", "--quiet"], cwd=PROCESS_CWD, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not ((run / ".lock").is_file() and (run / ".lock").read_text() == str(first.pid)):

@@ -1,4 +1,5 @@
 """A non-editable install (pip install .) finds the zoo."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -6,9 +7,21 @@ import sys
 from helpers import REPO
 
 
+def _can_build_wheels():
+    if importlib.util.find_spec("setuptools") is None:
+        return False
+    import setuptools
+
+    major, minor = (int(part) for part in setuptools.__version__.split(".")[:2])
+    return (major, minor) >= (70, 1) or importlib.util.find_spec("wheel") is not None
+
+
 def test_non_editable_install_finds_the_zoo(tmp_path):
     target = tmp_path / "site"
-    build = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+    # Build with the environment's setuptools where it can build a wheel (it needs the wheel package
+    # before setuptools 70.1); else pip fetches a build environment (a Python 3.12+ venv has no setuptools).
+    isolation = ["--no-build-isolation"] if _can_build_wheels() else []
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *isolation,
                             "--no-compile", "--target", str(target), str(REPO)],
                            capture_output=True, text=True, cwd=tmp_path)
     assert build.returncode == 0, build.stderr

@@ -32,13 +32,12 @@ the draws (different blocks), not their distribution.
 k-hat needs the weights themselves: per batch the first ``M`` log weights of each point are kept
 (the particles are i.i.d., so they are a random subset), with ``M = K`` when [K, batch] float32 fits
 in a quarter of the budget, else as many as fit (at least 1). k-hat is then computed by
-``arviz.psislw`` on the kept weights; with fewer than about 25 weights per point it is undefined and
-reported as ``None``.
+:func:`pyro_lvm.estimators.psis.pareto_khat` (arviz-stats) on the kept weights; with fewer than 25
+weights per point it is undefined and reported as ``None``.
 """
 
 import contextlib
 import math
-import warnings
 
 import numpy as np
 import pyro
@@ -47,6 +46,7 @@ import torch
 
 from ..errors import UserError
 from .importance_weights import guide_log_density, model_log_density, trace_guide, trace_model
+from .psis import pareto_khat
 
 #: Particles drawn per seeded guide pass. Part of what a ``seed`` means: changing it changes draws.
 PARTICLES_PER_SEED = 128
@@ -198,23 +198,6 @@ class _Accumulator:
             piece = lw[: self.keep - self.num_kept].float().cpu()
             self.kept.append(piece)
             self.num_kept += piece.shape[0]
-
-
-def pareto_khat(log_weights):
-    """PSIS k-hat per point from log weights [M, b] (CPU); NaN where M is too small to fit a tail."""
-    import arviz
-
-    if log_weights.shape[0] < 2:
-        # One weight has no tail to fit (arviz.psislw fails on it): k-hat is undefined there.
-        return np.full(log_weights.shape[1], np.nan)
-    with warnings.catch_warnings():
-        # arviz warns (FutureWarning) about its planned API change and (UserWarning) about
-        # high k-hat; the values are reported, not printed.
-        warnings.simplefilter("ignore")
-        _, khat = arviz.psislw(log_weights.T.numpy().astype(np.float64))
-    khat = np.asarray(khat, dtype=np.float64)
-    khat[~np.isfinite(khat)] = np.nan
-    return khat
 
 
 def importance_sampling_log_marginal(model, guide, x, num_samples, batch_size, max_memory_mb, seed,

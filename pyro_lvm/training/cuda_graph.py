@@ -13,7 +13,7 @@ not run again. What the step computes is unchanged:
 - the optimizer step, the finiteness check of the loss and the running sums stay outside the
   graph, exactly as in the eager loop, so ``--on-nan`` and checkpoints behave as before.
 
-The wrapped loss is the fast path's (:class:`pyro_lvm.fast.FastObjective`), whose Python does the
+The wrapped loss is the fast path's (:class:`pyro_lvm.training.fast.FastObjective`), whose Python does the
 same thing on every call for a given batch shape; Pyro's own objectives call ``.item()`` inside
 the step and cannot be captured. Batches of another shape (the short last batch of an epoch) run
 eagerly, with their gradients written into the same ``.grad`` tensors. If the capture fails (a

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import UserError
+from ..errors import UserError
 
 LAUNCH = "torchrun --nproc_per_node N -m pyro_lvm.cli fit MODEL ... --distributed"
 
@@ -99,7 +99,7 @@ def shard_bounds(n, rank, world_size):
 
 def rank_seed(seed, rank, step=0):
     """The torch seed of rank r's latent draws from ``step`` on (rank 0 keeps the single-process stream)."""
-    from .data.loader import _mix
+    from ..data.loader import _mix
 
     return _mix(seed, 0xD15, rank, step)
 
@@ -120,9 +120,9 @@ class _LossModule(torch.nn.Module):
 
 def _unused_parameters(lvm, step_loss, probe, device, seed):
     """Whether some parameter gets no gradient from the loss (DDP must then look for them each step)."""
-    from .training import _forked_rng
+    from .rng import forked_rng
 
-    with _forked_rng(device, seed):
+    with forked_rng(device, seed):
         loss = step_loss(probe)
         grads = torch.autograd.grad(loss, [p for p in lvm.parameters() if p.requires_grad], allow_unused=True)
     return any(g is None for g in grads)
@@ -166,7 +166,7 @@ def gather_rng_states(ctx, state):
 def _batch_offset(offset):
     """The importance-sampling estimators seed each batch by its index in ``x``; a shard starting at
     batch ``offset`` must use the indices of the whole split, so the seeds are shifted here."""
-    from .estimators import importance_sampling
+    from ..estimators import importance_sampling
 
     original = importance_sampling.block_seed
     importance_sampling.block_seed = lambda seed, batch, block: original(seed, batch + offset, block)
@@ -202,7 +202,7 @@ def estimate_sharded(ctx, lvm, x, estimator="is", batch_size=100, **kwargs):
     """
     import math
 
-    from .estimators import LogMarginalEstimate, estimate_log_marginal
+    from ..estimators import LogMarginalEstimate, estimate_log_marginal
 
     num_batches = -(-len(x) // batch_size)
     first, last = shard_bounds(num_batches, ctx.rank, ctx.world_size)
@@ -238,6 +238,6 @@ class _NoLock:
 
 def run_lock(ctx, out):
     """The run directory's lock, held by rank 0 alone (the only rank that writes there)."""
-    from .runs import RunLock
+    from ..runs import RunLock
 
     return RunLock(out).acquire() if ctx is None or ctx.is_main else _NoLock()

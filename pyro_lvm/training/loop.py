@@ -18,58 +18,18 @@ import pyro.poutine as poutine
 from pyro.poutine.util import site_is_subsample
 import torch
 
-from .data import DeviceBatches, iterate_in_order
-from .errors import UserError
+from ..data import DeviceBatches, iterate_in_order
+from ..errors import UserError
+from ..protocol import DataPlateScale
+from ..runs import append_jsonl, atomic_write_bytes, read_jsonl, save_checkpoint
 from .fast import select_fast_path
-from .protocol import DataPlateScale
-from .runs import append_jsonl, atomic_write_bytes, read_jsonl, save_checkpoint
+from .rng import forked_rng, rng_state, set_rng_state
 
 ON_NAN = ("stop", "skip")
 
 
 class TrainingDiverged(UserError):
     """The loss or a gradient became NaN or infinite; the message names the step and the site."""
-
-
-def resolve_device(name, fallback_to_cpu=False):
-    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a :class:`UserError`."""
-    name = str(name or "auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            if fallback_to_cpu:
-                return torch.device("cpu")
-            raise UserError("--device cuda was asked for but no CUDA GPU is available here; use --device cpu or auto")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise UserError(f"unknown device {name!r}; use auto, cpu or cuda")
-
-
-def rng_state(device):
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
-def _forked_rng(device, seed):
-    """A context in which randomness is seeded by ``seed`` and the caller's RNG stream is untouched."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def forked():
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            yield
-    return forked()
 
 
 def bad_sites(model, guide, batch):
@@ -95,7 +55,7 @@ def bad_sites(model, guide, batch):
 def make_step_loss(objective, lvm, num_train, probe, device, config, log=print):
     """``loss(batch)`` for one training step: the objective's differentiable loss on a minibatch.
 
-    When it is exact for this model, the fast path of :mod:`pyro_lvm.fast` computes it (same value
+    When it is exact for this model, the fast path of :mod:`pyro_lvm.training.fast` computes it (same value
     and gradient, a fraction of Pyro's per-step bookkeeping); otherwise the Pyro objective runs on
     the model and guide under :class:`DataPlateScale`. ``config["fast"] = False`` or the
     environment variable ``PYRO_LVM_FAST=0`` turns the fast path off.
@@ -109,7 +69,7 @@ def make_step_loss(objective, lvm, num_train, probe, device, config, log=print):
     if not config.get("fast", True) or os.environ.get("PYRO_LVM_FAST", "1") == "0":
         return plain
     # The probe runs under a forked RNG, so the training stream is the same with and without it.
-    with _forked_rng(device, config["seed"]):
+    with forked_rng(device, config["seed"]):
         fast, reason = select_fast_path(objective, lvm, num_train, probe, fallback=plain)
     if fast is None and config.get("verbose_fast"):
         log(f"fast path off: {reason}")
@@ -127,7 +87,7 @@ def make_optimizer(lvm, lr):
 
 
 def with_cuda_graph(step_loss, lvm, config, device):
-    """``step_loss`` replayed as a CUDA graph (:mod:`pyro_lvm.cuda_graph`) when that is exact and
+    """``step_loss`` replayed as a CUDA graph (:mod:`pyro_lvm.training.cuda_graph`) when that is exact and
     wanted: the fast path's loss on a CUDA device; else ``step_loss`` itself."""
     from .cuda_graph import GraphedStepLoss, wants_cuda_graph
     from .fast import FastObjective
@@ -160,7 +120,7 @@ def take_step(step_loss, optimizer, batch, reduce_loss=None):
 def bound_per_point(objective, model, guide, x, batch_size, device, seed):
     """The objective's bound per data point on ``x`` (unscaled), with a fixed seed."""
     total = 0.0
-    with _forked_rng(device, seed), torch.no_grad():
+    with forked_rng(device, seed), torch.no_grad():
         for batch in iterate_in_order(x, batch_size):
             total -= objective.loss(model, guide, batch)
     return total / len(x)
@@ -172,7 +132,7 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
     ``config`` holds ``epochs``, ``batch_size``, ``lr``, ``seed``, ``checkpoint_every`` (steps,
     0 for epoch ends only), ``checkpoint_minutes``, ``on_nan`` (``stop`` or ``skip``) and
     ``data["binarize"]``. ``run_dir`` receives checkpoints, metrics and TensorBoard events.
-    ``distributed``: a :class:`pyro_lvm.distributed.Context` to train data-parallel (see there).
+    ``distributed``: a :class:`pyro_lvm.training.distributed.Context` to train data-parallel (see there).
     """
     from torch.utils.tensorboard import SummaryWriter
 
@@ -188,7 +148,7 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
     # a trace, which draws random numbers). One call under a forked RNG does that now, so the
     # training stream is the same for a fresh run and for one resumed mid-way.
     probe = data.valid[:2] if len(data.valid) else data.train[:2]
-    with _forked_rng(device, config["seed"]), torch.no_grad():
+    with forked_rng(device, config["seed"]), torch.no_grad():
         objective.loss(model, guide, probe)
     step_loss = make_step_loss(objective, lvm, num_train, probe, device, config, log)
     reduce_loss = None  # the loss of the whole global batch, from this process's loss

@@ -51,8 +51,8 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.poutine.util import site_is_subsample
 
-from .objectives import EnumerationAwareELBO, IWAE_ELBO
-from .protocol import DataPlateScale
+from ..objectives import EnumerationAwareELBO, IWAE_ELBO
+from ..protocol import DataPlateScale
 
 DATA_PLATE = "data"
 
@@ -234,7 +234,7 @@ class FastObjective:
         if self.refused is not None:
             return self.fallback(x)
         rng = torch.get_rng_state()
-        # Not while a CUDA graph is being captured (pyro_lvm/cuda_graph.py): no fallback is possible
+        # Not while a CUDA graph is being captured (pyro_lvm/training/cuda_graph.py): no fallback is possible
         # there, and the generator's state cannot be read.
         capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         cuda_rng = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" and not capturing else None
