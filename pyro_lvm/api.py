@@ -22,6 +22,7 @@ from . import __version__
 from .data import BINARIZATIONS, load_dataset
 from .errors import UserError
 from .protocol import build_model, check_support, inspect_model, load_model_class, resolve_hyperparameters
+from .protocol.checks import check_fit, preflight, remove_failed_run
 from .runs import atomic_write_json, load_checkpoint, load_run, read_config
 from .device import resolve_device
 from .training import ON_NAN, train
@@ -99,17 +100,15 @@ def _is_binary(x):
     return bool(((x == 0) | (x == 1)).all())
 
 
-def _choose_binarization(requested, lvm, data):
-    """``auto``: binarize images dynamically when the likelihood's support is {0, 1}."""
+def _choose_binarization(requested, info, data):
+    """``auto``: binarize images dynamically when an observed site's support is {0, 1}."""
     if requested != "auto":
         return requested
     if not data.is_image or _is_binary(data.train):
         return "none"
-    with torch.no_grad(), pyro.poutine.block():
-        trace = pyro.poutine.trace(lvm.model).get_trace(None, num_samples=1)
-    support = str(trace.nodes["x"]["fn"].support).lower()
+    boolean = any("boolean" in str(site.support).lower() for site in info.observed_sites)
     in_unit_interval = bool(data.train.min() >= 0) and bool(data.train.max() <= 1)
-    return "dynamic" if "boolean" in support and in_unit_interval else "none"
+    return "dynamic" if boolean and in_unit_interval else "none"
 
 
 def _check_options(cfg):
@@ -212,25 +211,36 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
     raw = load_dataset(cfg["data"], cfg["data_dir"], "none")
     pyro.set_rng_seed(cfg["seed"])
     lvm = build_model(cls, raw.data_shape, hparams, device)
-    binarize = _choose_binarization(cfg["binarize"], lvm, raw)
+    # What the program is (observed sites, data plate, latents) is read from traces on the training
+    # data; that also creates and registers its pyro.param s.
+    info = inspect_model(lvm, raw.train.to(device), check_data=False)
+    binarize = _choose_binarization(cfg["binarize"], info, raw)
     splits = raw if binarize == "none" else load_dataset(cfg["data"], cfg["data_dir"], binarize)
     splits = splits.to(device)
-    probe = splits.train[:2] if binarize != "dynamic" else torch.bernoulli(splits.train[:2])
-    info = inspect_model(lvm, probe)
     for split_name in ("train", "valid", "test"):
         if not (split_name == "train" and binarize == "dynamic"):
             check_support(info, getattr(splits, split_name), split_name)
+    train_points = splits.train if binarize != "dynamic" else torch.bernoulli(splits.train)
+    check_fit(lvm, cfg, train_points, distributed=ctx is not None)
+    if cfg["particles"] > 1 or cfg["objective"].startswith("iwae"):
+        from .estimators.importance_weights import vectorizes
+
+        vectorizes(lvm, train_points)  # a program that does not broadcast runs its particles one by one
 
     from .objectives import get_objective
 
     objective = get_objective(cfg["objective"], particles=cfg["particles"], model_info=info,
                               **_remedy_options(cfg))
+    probe = lvm.probe(train_points)
     if hasattr(objective, "check_model"):  # remedies: refuse a model they do not apply to, before any file
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             objective.check_model(lvm.model, lvm.guide, probe)
+    # One step's loss before the run directory exists: whatever the program or the objective
+    # refuses is refused now, with nothing written.
+    preflight(objective, lvm, probe, len(splits.train), device)
     if hasattr(lvm, "initialize"):
         with torch.no_grad():
-            lvm.initialize(splits.train if binarize != "dynamic" else torch.bernoulli(splits.train))
+            lvm.initialize(train_points)
 
     config = {
         "model": _resolve_model_spec(model), "model_class": cls.__name__, "hyperparameters": hparams,
@@ -244,6 +254,7 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
     # The run directory appears only now that every input has been checked (by every rank).
     if ctx is not None:
         ctx.barrier()
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = run_lock(ctx, out)
     try:
@@ -251,6 +262,9 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
             atomic_write_json(out / "config.json", config)
         log(f"fitting {cls.__name__} on {cfg['data']} ({splits.sizes()['train']} points, {device}) -> {out}")
         train(lvm, splits, objective, config, out, progress=progress, log=log, distributed=ctx)
+    except Exception as err:
+        remove_failed_run(out, err, created and (ctx is None or ctx.is_main))
+        raise
     finally:
         lock.release()
     return load_run(out, device=str(device))
@@ -278,6 +292,7 @@ def _resume(out, options, progress, log, ctx=None):
         splits = load_dataset(data_cfg["name"], data_cfg.get("data_dir"), data_cfg.get("binarize", "none")).to(device)
         cls = load_model_class(config["model"])
         lvm = build_model(cls, splits.data_shape, config["hyperparameters"], device)
+        info = inspect_model(lvm, splits.train, check_data=False)
         try:
             lvm.load_state_dict(state["model"])
         except (RuntimeError, KeyError) as err:
@@ -285,7 +300,10 @@ def _resume(out, options, progress, log, ctx=None):
                             f"({str(err).splitlines()[0][:160]})") from None
         from .objectives import get_objective
 
-        info = inspect_model(lvm, splits.valid[:2] if len(splits.valid) else splits.train[:2])
+        if config["particles"] > 1:
+            from .estimators.importance_weights import vectorizes
+
+            vectorizes(lvm, splits.train)
         objective = get_objective(config["objective"], particles=config["particles"], model_info=info,
                                   **_remedy_options(config))
         if state["epoch"] >= config["epochs"]:
@@ -380,10 +398,11 @@ def sample(run, n=64, out=None, seed=0, device=None):
         raise UserError(f"vector samples are written as CSV; give --out FILE.csv (got {out.name!r})")
     if not out.parent.is_dir():
         raise UserError(f"folder {str(out.parent)!r} does not exist; create it or choose another --out")
+    from .protocol import as_program
+
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
-        trace = pyro.poutine.trace(run.model.model).get_trace(None, num_samples=int(n))
-    x = trace.nodes["x"]["value"].detach()
+        x = as_program(run.model).sample(int(n), like=run.data.train).detach()
     if image:
         from torchvision.utils import save_image
 

@@ -200,7 +200,7 @@ def read_config(run_dir):
 def load_run(run_dir, device=None):
     """Load a run directory: rebuild the model from its config and load its last checkpoint."""
     from .data import load_dataset
-    from .protocol import build_model, load_model_class
+    from .protocol import build_model, inspect_model, load_model_class
     from .device import resolve_device
 
     run_dir = Path(run_dir)
@@ -210,6 +210,9 @@ def load_run(run_dir, device=None):
     data = load_dataset(data_cfg["name"], data_cfg.get("data_dir"), data_cfg.get("binarize", "none"))
     cls = load_model_class(config["model"])
     lvm = build_model(cls, data.data_shape, config.get("hyperparameters"), device)
+    # The program's traces on the training data create its pyro.param s (and an AutoGuide's
+    # parameters), which the checkpoint then fills in.
+    inspect_model(lvm, data.train.to(device), check_data=False)
     state = load_checkpoint(run_dir / "checkpoint.pt", map_location=device)
     try:
         lvm.load_state_dict(state["model"])

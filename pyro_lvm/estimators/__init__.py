@@ -60,6 +60,41 @@ def _check_estimator(name):
     return key
 
 
+def _program(lvm, x):
+    """The :class:`~pyro_lvm.protocol.Program` of ``lvm`` and its info, refusing what has no per-point
+    estimate on these points (a guide that keeps one parameter per training point, on other points)."""
+    from ..protocol import as_program
+    from .importance_weights import ensure_info
+
+    program = as_program(lvm)
+    info = ensure_info(program, x)
+    check_per_point_guide(program, x)
+    return program, info
+
+
+def check_per_point_guide(program, x):
+    """A guide with one parameter per training point (an ``AutoNormal`` over local latents) has nothing
+    to say about other points: refuse them, with the fix."""
+    info = program.info
+    if not info.per_point_guide:
+        return
+    trained = getattr(program, "training_points", None)
+    if trained is None or len(x) != trained:
+        raise UserError(f"the guide of {program.program_name} keeps one parameter per training point "
+                        f"({', '.join(info.per_point_parameters[:3])}), so it has no posterior for other points; "
+                        f"use an amortized guide (an encoder of x) to estimate log p(x) on new data, or "
+                        f"evaluate --split train")
+
+
+def predictive_extras(info):
+    """JSON keys that say what a per-point estimate means when the model has global latents."""
+    names = [s.name for s in info.global_latents if s.in_guide]
+    if not names:
+        return {}
+    return {"quantity": "predictive log p(x_n | training data) = log E_q(theta) p(x_n | theta)",
+            "global_latents": names}
+
+
 def _annealed_importance_sampling(lvm, x, num_samples, seed, opts):
     try:
         from .ais import annealed_importance_log_marginal
@@ -100,18 +135,25 @@ def estimate_log_marginal(lvm, x, estimator="is", num_samples=1000, batch_size=1
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
+        program, info = _program(lvm, x)
         if key == "exact":
             from .exact import exact_log_marginal
-            per_point, extras = exact_log_marginal(lvm, x, batch_size)
+            per_point, extras = exact_log_marginal(program, x, batch_size)
         elif key == "ais":
-            per_point, extras = _annealed_importance_sampling(lvm, x, num_samples, seed, opts)
+            per_point, extras = _annealed_importance_sampling(program, x, num_samples, seed, opts)
         else:
             from .importance_sampling import importance_sampling_log_marginal
-            from .importance_weights import guess_max_plate_nesting
-            max_plate_nesting = guess_max_plate_nesting(lvm.model, lvm.guide, (x[:batch_size],), {})
+            from .importance_weights import vectorizes
+
+            # A guide of point masses (AutoDelta) draws the same values for every particle: one is exact.
+            particles = 1 if info.point_mass_guide or not info.guide_latents else num_samples
             per_point, extras = importance_sampling_log_marginal(
-                lvm.model, lvm.guide, x, num_samples, batch_size, max_memory_mb, seed,
-                max_plate_nesting, statistic=key)
+                program.model, program.guide, x, particles, batch_size, max_memory_mb, seed,
+                info.max_plate_nesting, statistic=key, batches=list(program.batches(x, batch_size)),
+                data_plate=info.data_plate.name, vectorize=particles == 1 or vectorizes(program, x))
+            if particles != num_samples:
+                extras["particles_used"] = particles
+        extras = {**predictive_extras(info), **extras}
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     seconds = time.perf_counter() - start

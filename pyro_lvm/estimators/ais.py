@@ -64,11 +64,10 @@ import torch
 from torch.distributions import biject_to
 
 from pyro_lvm.errors import UserError
+from pyro_lvm.protocol.plates import PARTICLE_PLATES
 
 __all__ = ["annealed_importance_log_marginal", "annealing_schedule", "bdmc"]
 
-DATA_PLATE = "data"
-OBSERVED_SITE = "x"
 CHAIN_PLATE = "chains"
 # The protocol puts the data plate at dim -1 and makes every other dimension an event dimension,
 # so chains go at dim -2 and enumerated discrete latents to the left of both.
@@ -139,7 +138,14 @@ class _AnnealingTarget:
     def __init__(self, lvm, x, num_chains, proposal):
         if proposal not in ("prior", "guide"):
             raise UserError(f"unknown AIS proposal {proposal!r}; use 'prior' or 'guide'")
-        self.lvm = lvm
+        program, info = _program(lvm, x)
+        self.lvm = program
+        self.data_plate = info.data_plate.name
+        self.observed_names = set(info.observed_names)
+        # Discrete sites that the guide enumerates are summed out of p(z) and p(x, z) here, as the model's own.
+        guide_enumerated = {s.name for s in info.guide_enumerated}
+        self.model = program.model if not guide_enumerated else poutine.infer_config(
+            program.model, lambda msg: {"enumerate": "parallel"} if msg["name"] in guide_enumerated else {})
         self.x = x
         self.num_chains = num_chains
         self.num_points = x.shape[0]
@@ -153,29 +159,30 @@ class _AnnealingTarget:
     def _check_plates(self, site, owner):
         frames = site["cond_indep_stack"]
         names = [frame.name for frame in frames]
-        if DATA_PLATE not in names:
+        plate = self.data_plate
+        names = [name for name in names if name not in PARTICLE_PLATES]
+        if plate not in names:
             raise UserError(
-                f"site {site['name']!r} of the {owner} is outside pyro.plate({DATA_PLATE!r}) (a global "
-                "site); AIS estimates log p(x) per data point and needs every latent site inside the "
-                "data plate; fit with a per-point model or use the 'elbo' estimator"
+                f"site {site['name']!r} of the {owner} is outside pyro.plate({plate!r}) (a global "
+                "site); AIS anneals the latents of each data point and cannot anneal a global latent: use "
+                "--estimator is, which estimates the predictive log p(x_n | training data)"
             )
-        extra = [name for name in names if name != DATA_PLATE]
+        extra = [name for name in names if name != plate]
         if extra:
             raise UserError(
-                f"site {site['name']!r} of the {owner} sits in plates {extra} besides {DATA_PLATE!r}; "
-                "AIS needs the data plate only: declare the other dimensions with .to_event()"
+                f"site {site['name']!r} of the {owner} sits in plates {extra} besides {plate!r}; "
+                "AIS needs the data plate only: declare the other dimensions with .to_event(), or use --estimator is"
             )
-        data_frame = next(frame for frame in frames if frame.name == DATA_PLATE)
+        data_frame = next(frame for frame in frames if frame.name == plate)
         if data_frame.dim != -1:
             raise UserError(
-                f"pyro.plate({DATA_PLATE!r}) is at dim {data_frame.dim}; the model protocol puts it at dim -1"
+                f"pyro.plate({plate!r}) is at dim {data_frame.dim}; AIS needs the data plate at dim -1 "
+                "(the rightmost batch dim); use --estimator is"
             )
 
     def _inspect_model(self):
         with torch.no_grad():
-            trace = poutine.trace(self.lvm.model).get_trace(self.x)
-        if OBSERVED_SITE not in trace.nodes or not trace.nodes[OBSERVED_SITE]["is_observed"]:
-            raise UserError(f"the model has no observed sample site named {OBSERVED_SITE!r}")
+            trace = poutine.trace(self.model).get_trace(self.x)
         self.sites, self.enumerated_names = [], []
         offset = 0
         for name, site in trace.nodes.items():
@@ -262,7 +269,7 @@ class _AnnealingTarget:
 
     def sample_proposal(self):
         """``[C, n, dim]`` unconstrained draws from ``p0``: the prior by ancestral sampling, or the guide."""
-        program = self.lvm.model if self.proposal == "prior" else self.lvm.guide
+        program = self.model if self.proposal == "prior" else self.lvm.guide
         with torch.no_grad(), pyro.plate(CHAIN_PLATE, self.num_chains, dim=CHAIN_DIM):
             trace = poutine.trace(program).get_trace(self.x)
         shape = (self.num_chains, self.num_points)
@@ -279,7 +286,7 @@ class _AnnealingTarget:
 
     def _model_log_densities(self, values):
         """``log p(z)`` and ``log p(x, z)`` at continuous latents ``values``, discrete ones summed out."""
-        model = poutine.enum(poutine.condition(self.lvm.model, data=values), first_available_dim=FIRST_ENUM_DIM)
+        model = poutine.enum(poutine.condition(self.model, data=values), first_available_dim=FIRST_ENUM_DIM)
         with pyro.plate(CHAIN_PLATE, self.num_chains, dim=CHAIN_DIM):
             trace = poutine.trace(model).get_trace(self.x)
         trace.compute_log_prob()
@@ -456,8 +463,15 @@ def annealed_importance_log_marginal(
     _check_options(num_chains, leapfrog_steps, hmc_step_size)
     betas = annealing_schedule(num_steps, schedule)
     num_chains = int(num_chains)
+    program, info = _program(lvm, x)
+    if not [s for s in info.latent_sites if s.local and not s.enumerated and not s.discrete]:
+        # Nothing continuous to anneal (a mixture, an HMM): log p(x) is exact by enumeration.
+        from .exact import exact_log_marginal
+
+        per_point, _ = exact_log_marginal(program, x, 100)
+        return per_point, _exact_extras(num_chains)
     with _seeded(x.device, seed), torch.no_grad():
-        target = _AnnealingTarget(lvm, x, num_chains, proposal)
+        target = _AnnealingTarget(program, x, num_chains, proposal)
         if not target.sites:
             extras = _exact_extras(num_chains)
             return target.exact_log_marginal(), extras
@@ -485,6 +499,20 @@ def _exact_extras(num_chains):
         "log_weight_ess": float(num_chains),
         "exact_enumeration": True,
     }
+
+
+def _program(lvm, x):
+    """The program of ``lvm`` and its info; AIS runs on all of ``x`` at once, so a data plate that
+    subsamples itself is refused."""
+    from ..protocol import as_program
+    from .importance_weights import ensure_info
+
+    program = as_program(lvm)
+    info = ensure_info(program, x) if x is not None else program.info
+    if info.data_plate.kind == "subsampling":
+        raise UserError(f"the data plate {info.data_plate.name!r} subsamples itself; AIS anneals all points at once "
+                        f"and cannot follow it: use --estimator is")
+    return program, info
 
 
 def _model_device(lvm):
@@ -523,9 +551,16 @@ def bdmc(lvm, num_points=50, num_chains=4, num_steps=200, seed=0, **ais_options)
     betas = annealing_schedule(num_steps, schedule)
 
     with _seeded(_model_device(lvm), seed), torch.no_grad():
-        simulation = poutine.trace(lvm.model).get_trace(None, num_samples=num_points)
-        x = simulation.nodes[OBSERVED_SITE]["value"].detach()
-        target = _AnnealingTarget(lvm, x, num_chains, proposal)
+        from ..protocol import as_program
+        from ..protocol.inspection import inspect_by_simulation
+
+        program = as_program(lvm)
+        inspect_by_simulation(program)
+        _program(program, None)
+        x, simulations = program.simulate(num_points)
+        x = x.detach()
+        simulation = simulations[0]
+        target = _AnnealingTarget(program, x, num_chains, proposal)
         if target.sites:
             log_weight_forward, stats = _anneal(
                 target, target.sample_proposal(), betas, hmc_step_size, leapfrog_steps, adapt_step_size
@@ -549,7 +584,7 @@ def bdmc(lvm, num_points=50, num_chains=4, num_steps=200, seed=0, **ais_options)
             upper = -_log_mean_exp(log_weight_reverse)
         else:
             lower = upper = target.exact_log_marginal()
-        exact = lvm.log_marginal(x) if hasattr(lvm, "log_marginal") else None
+        exact = program.log_marginal(x) if callable(getattr(program, "log_marginal", None)) else None
 
     lower_mean, upper_mean = float(lower.double().mean()), float(upper.double().mean())
     result = {

@@ -38,6 +38,7 @@ weights per point it is undefined and reported as ``None``.
 
 import contextlib
 import math
+from typing import NamedTuple, Optional
 
 import numpy as np
 import pyro
@@ -45,7 +46,8 @@ import pyro.poutine as poutine
 import torch
 
 from ..errors import UserError
-from .importance_weights import guide_log_density, model_log_density, trace_guide, trace_model
+from .importance_weights import (GuideTerms, combine, compute_importance_weights, guide_log_density,
+                                 model_log_density, trace_guide, trace_model)
 from .psis import pareto_khat
 
 #: Particles drawn per seeded guide pass. Part of what a ``seed`` means: changing it changes draws.
@@ -81,14 +83,49 @@ def _particle_axis(site, max_plate_nesting):
     return site["value"].dim() - site["fn"].event_dim - (max_plate_nesting + 1)
 
 
+class ChunkTerms(NamedTuple):
+    """The guide's terms for a chunk of particles (:class:`~.importance_weights.GuideTerms`, narrowed),
+    the enumeration allocator as the guide left it, and the chunk's ``shape`` ``(k, b)``."""
+
+    terms: GuideTerms
+    enum_state: Optional[tuple]
+    shape: tuple
+
+
+def _narrow(tensor, axis, lo, size):
+    if not torch.is_tensor(tensor) or tensor.dim() <= axis or tensor.shape[axis] == 1:
+        return tensor  # does not depend on the particle (an enumerated value, a constant)
+    return tensor.narrow(axis, lo, size)
+
+
+def _narrow_terms(terms, lo, size):
+    def cut(t):
+        return t if not torch.is_tensor(t) or t.dim() < 2 else _narrow(t, t.dim() - 2, lo, size)
+
+    return terms._replace(log_q=cut(terms.log_q), log_q_enumerated=cut(terms.log_q_enumerated),
+                          score_log_q=cut(terms.score_log_q))
+
+
+def _cat_terms(parts):
+    def cat(ts):
+        if not all(torch.is_tensor(t) and t.dim() >= 2 for t in ts):
+            return ts[0]
+        return torch.cat([t.expand(t.shape[:-2] + (t.shape[-2], max(u.shape[-1] for u in ts))) for t in ts], dim=-2)
+
+    first = parts[0]
+    return first._replace(log_q=cat([p.log_q for p in parts]),
+                          log_q_enumerated=None if first.log_q_enumerated is None else cat([p.log_q_enumerated for p in parts]),
+                          score_log_q=None if first.score_log_q is None else cat([p.score_log_q for p in parts]))
+
+
 class _GuideBlocks:
     """Guide draws for one batch, block by block, each block from its own seed.
 
-    ``take(start, stop)`` returns the replay trace and log q [stop - start, b] of particles
-    ``start..stop-1``, running (and caching) the guide on the blocks that hold them.
+    ``take(start, stop)`` returns the replay trace and the guide's terms (:class:`ChunkTerms`) of
+    particles ``start..stop-1``, running (and caching) the guide on the blocks that hold them.
     """
 
-    def __init__(self, guide, x, num_particles, max_plate_nesting, seed, batch_index, device):
+    def __init__(self, guide, x, num_particles, max_plate_nesting, seed, batch_index, device, data_plate=None):
         self.guide = guide
         self.x = x
         self.num_particles = num_particles
@@ -96,6 +133,7 @@ class _GuideBlocks:
         self.seed = seed
         self.batch_index = batch_index
         self.device = device
+        self.data_plate = data_plate
         self.blocks = {}
 
     def _block(self, index):
@@ -104,13 +142,14 @@ class _GuideBlocks:
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(block_seed(self.seed, self.batch_index, index))
-                guide_trace = trace_guide(self.guide, (self.x,), {}, size, self.max_plate_nesting)
-            log_q, _, _ = guide_log_density(guide_trace, self.max_plate_nesting, size)
+                guide_run = trace_guide(self.guide, (self.x,), {}, size, self.max_plate_nesting)
+            guide_trace = guide_run.trace
+            terms = guide_log_density(guide_trace, self.max_plate_nesting, size, data_plate=self.data_plate,
+                                      allow_global=True)
             sites = {name: (site["value"], _particle_axis(site, self.max_plate_nesting), site["infer"])
                      for name, site in guide_trace.nodes.items()
                      if site["type"] == "sample" and not site["is_observed"]}
-            log_q = torch.as_tensor(log_q, device=self.x.device).expand(size, self.x.shape[0])
-            self.blocks[index] = (sites, log_q)
+            self.blocks[index] = (sites, terms, guide_run.enum_state)
         return self.blocks[index]
 
     def take(self, start, stop):
@@ -124,12 +163,11 @@ class _GuideBlocks:
             pieces.append((self._block(index), lo, hi))
         replay = poutine.Trace()
         for name, (_, axis, infer) in pieces[0][0][0].items():
-            parts = [sites[name][0].narrow(axis, lo, hi - lo) for (sites, _), lo, hi in pieces]
+            parts = [_narrow(sites[name][0], axis, lo, hi - lo) for (sites, _, _), lo, hi in pieces]
             value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)  # one block: a view
             replay.add_node(name, type="sample", name=name, value=value, is_observed=False, infer=infer)
-        parts = [log_q[lo:hi] for (_, log_q), lo, hi in pieces]
-        log_q = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return replay, log_q
+        terms = _cat_terms([_narrow_terms(terms, lo, hi - lo) for (_, terms, _), lo, hi in pieces])
+        return replay, ChunkTerms(terms, pieces[0][0][2], (stop - start, self.x.shape[0] if torch.is_tensor(self.x) else len(self.x)))
 
 
 def chunk_particles(budget, bytes_per_particle_point, batch, num_samples, device):
@@ -170,12 +208,30 @@ def _trace_bytes(model_trace):
     return total
 
 
-def model_chunk_log_weights(model, x, replay, log_q, max_plate_nesting, guide_names):
-    """log w [k, b] for one chunk of particles: replay the model on the chunk's guide values."""
-    num_particles = log_q.shape[0]
-    model_trace = trace_model(model, replay, (x,), {}, num_particles, max_plate_nesting)
-    log_p, _ = model_log_density(model_trace, guide_names, max_plate_nesting, num_particles)
-    return log_p - log_q, model_trace
+def model_chunk_log_weights(model, x, replay, log_q, max_plate_nesting, guide_names, data_plate=None):
+    """``((log w, elbo) [k, b], model trace)`` for one chunk of particles: replay the model on the
+    chunk's guide values (``log_q``: the chunk's :class:`ChunkTerms`)."""
+    num_particles, num_points = log_q.shape
+    model_trace = trace_model(model, replay, (x,), {}, num_particles, max_plate_nesting, log_q.enum_state)
+    log_p, _, _ = model_log_density(model_trace, guide_names, max_plate_nesting, num_particles, data_plate=data_plate,
+                                    allow_global=True, guide_enumerated_dims=log_q.terms.enumerated_dims)
+    return combine(log_p, log_q.terms, num_particles, num_points), model_trace
+
+
+def _sequential_chunk(model, guide, x, num_samples, max_plate_nesting, seed, batch_index, data_plate):
+    """``(log w, elbo) [K, b]`` of a program whose particles run one at a time, each block of
+    :data:`PARTICLES_PER_SEED` from the seed of the vectorized path."""
+    log_w, elbo = [], []
+    for block in range(-(-num_samples // PARTICLES_PER_SEED)):
+        size = min(PARTICLES_PER_SEED, num_samples - block * PARTICLES_PER_SEED)
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(block_seed(seed, batch_index, block))
+            for _ in range(size):
+                weights = compute_importance_weights(model, guide, (x,), {}, 1, max_plate_nesting,
+                                                     data_plate=data_plate, allow_global=True, vectorize=False)
+                log_w.append(weights.log_weights)
+                elbo.append(weights.elbo)
+    return torch.cat(log_w), torch.cat(elbo)
 
 
 class _Accumulator:
@@ -189,11 +245,11 @@ class _Accumulator:
         self.kept = []
         self.num_kept = 0
 
-    def add(self, log_weights):
+    def add(self, log_weights, elbo=None):
         lw = log_weights.double()
         self.lse = torch.logaddexp(self.lse, torch.logsumexp(lw, 0))
         self.lse2 = torch.logaddexp(self.lse2, torch.logsumexp(2 * lw, 0))
-        self.total += lw.sum(0)
+        self.total += (lw if elbo is None else elbo.double()).sum(0)
         if self.num_kept < self.keep:
             piece = lw[: self.keep - self.num_kept].float().cpu()
             self.kept.append(piece)
@@ -201,11 +257,15 @@ class _Accumulator:
 
 
 def importance_sampling_log_marginal(model, guide, x, num_samples, batch_size, max_memory_mb, seed,
-                                     max_plate_nesting, statistic="is"):
+                                     max_plate_nesting, statistic="is", batches=None, data_plate=None,
+                                     vectorize=True):
     """Per-point log p(x) estimates and diagnostics over all of ``x``, chunked to ``max_memory_mb``.
 
-    ``statistic``: ``"is"`` and ``"iwae"`` give log mean_k w_k, ``"elbo"`` mean_k log w_k.
-    Returns ``(per_point [N] float32 on x's device, extras dict)``.
+    ``statistic``: ``"is"`` and ``"iwae"`` give log mean_k w_k, ``"elbo"`` the mean over particles of
+    the ELBO term (mean_k log w_k, or the guide's expectation over its enumerated sites).
+    ``batches``: ``(batch, valid)`` pairs covering ``x`` (:meth:`~pyro_lvm.protocol.Program.batches`),
+    by default slices of ``batch_size`` rows; ``data_plate``: the data plate's name; ``vectorize``:
+    False runs the particles one at a time. Returns ``(per_point [N] float32 on x's device, extras)``.
     """
     budget = max_memory_mb * 2 ** 20
     device = x.device
@@ -214,11 +274,19 @@ def importance_sampling_log_marginal(model, guide, x, num_samples, batch_size, m
     chunk = None
     guide_names = None
     chunk_sizes = set()
-    for batch_index, xb in enumerate(x.split(batch_size)):
-        b = xb.shape[0]
+    if batches is None:
+        batches = [(part, len(part)) for part in x.split(batch_size)]
+    for batch_index, (xb, valid) in enumerate(batches):
+        b = len(xb)
         keep = num_samples if num_samples * b * 4 <= budget / 4 else max(1, int(budget / 4 // (4 * b)))
         acc = _Accumulator(b, keep if statistic == "is" else 0, device)
-        blocks = _GuideBlocks(guide, xb, num_samples, max_plate_nesting, seed, batch_index, device)
+        if not vectorize:
+            acc.add(*_sequential_chunk(model, guide, xb, num_samples, max_plate_nesting, seed, batch_index,
+                                       data_plate))
+            chunk_sizes.add(1)
+            _finish(acc, statistic, num_samples, valid, per_point, ess, khats)
+            continue
+        blocks = _GuideBlocks(guide, xb, num_samples, max_plate_nesting, seed, batch_index, device, data_plate)
         if bytes_per_particle_point is not None:
             chunk = chunk_particles(budget, bytes_per_particle_point, b, num_samples, device)
         start = 0
@@ -226,7 +294,8 @@ def importance_sampling_log_marginal(model, guide, x, num_samples, batch_size, m
             # The first chunk of all is small and measures what a particle costs: at most 16 particles,
             # fewer when a guess of 16 bytes per data element and particle would exceed the budget.
             if chunk is None:
-                chunk = min(16, chunk_particles(budget, 16.0 * xb[0].numel(), b, num_samples, device))
+                point_size = (xb.data[0] if hasattr(xb, "indices") else xb[0]).numel()
+                chunk = min(16, chunk_particles(budget, 16.0 * point_size, b, num_samples, device))
             size = min(num_samples - start, chunk)
             # Distribution and support checks run on the first chunk of each batch (its data, the
             # first guide block, the model's parameters); later chunks of the batch repeat the same
@@ -242,7 +311,7 @@ def importance_sampling_log_marginal(model, guide, x, num_samples, batch_size, m
                         baseline = torch.cuda.memory_allocated(device)
                         torch.cuda.reset_peak_memory_stats(device)
                     log_weights, model_trace = model_chunk_log_weights(model, xb, replay, log_q,
-                                                                       max_plate_nesting, guide_names)
+                                                                       max_plate_nesting, guide_names, data_plate)
             except Exception as err:
                 if not is_out_of_memory(err):
                     raise
@@ -262,17 +331,10 @@ def importance_sampling_log_marginal(model, guide, x, num_samples, batch_size, m
                 bytes_per_particle_point = max(measured / (size * b), 1.0)
                 chunk = chunk_particles(budget, bytes_per_particle_point, b, num_samples, device)
             del model_trace, replay
-            acc.add(log_weights)
+            acc.add(*log_weights)
             chunk_sizes.add(size)
             start += size
-        if statistic == "elbo":
-            estimate = acc.total / num_samples
-        else:
-            estimate = acc.lse - math.log(num_samples)
-        per_point.append(estimate.float())
-        ess.append(torch.exp(2 * acc.lse - acc.lse2).float())
-        if statistic == "is":
-            khats.append(pareto_khat(torch.cat(acc.kept, 0)))
+        _finish(acc, statistic, num_samples, valid, per_point, ess, khats)
     per_point = torch.cat(per_point)
     ess = torch.cat(ess)
     extras = {"ess_mean": float(ess.mean()), "ess_min": float(ess.min()),
@@ -286,3 +348,15 @@ def importance_sampling_log_marginal(model, guide, x, num_samples, batch_size, m
             "khat_samples": int(min(torch.cat(acc.kept, 0).shape[0], num_samples)),
         })
     return per_point, extras
+
+
+def _finish(acc, statistic, num_samples, valid, per_point, ess, khats):
+    """One batch's estimates, the padded points of a self-subsampling program's last batch dropped."""
+    if statistic == "elbo":
+        estimate = acc.total / num_samples
+    else:
+        estimate = acc.lse - math.log(num_samples)
+    per_point.append(estimate.float()[:valid])
+    ess.append(torch.exp(2 * acc.lse - acc.lse2).float()[:valid])
+    if statistic == "is":
+        khats.append(pareto_khat(torch.cat(acc.kept, 0)[:, :valid]))

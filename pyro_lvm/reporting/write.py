@@ -112,7 +112,7 @@ def _curves(metrics, out_dir):
 
 def _samples(lvm, x, is_image, num_samples, out_dir, seed):
     with seeded(seed, x.device):
-        samples = draw_samples(lvm, num_samples)
+        samples = draw_samples(lvm, num_samples, like=x)
     path = out_dir / "samples.png"
     if is_image:
         figures.image_grid(samples, path)
