@@ -6,9 +6,9 @@
 Written with the idioms of Pyro's modules tutorial (https://pyro.ai/examples/modules.html: a
 ``PyroModule`` with a ``PyroSample`` prior on a weight, ``PyroParam`` with a constraint,
 ``PyroModule[nn.Linear]``, and ``@pyro_method`` on methods other than ``forward`` that read
-``PyroSample`` attributes, as ``pyro.nn.module`` documents) and of the GMM tutorial (https://pyro.ai/examples/gmm.html: an AutoGuide
-over the blocked model that exposes only the global sites, called from a hand-written guide that
-adds the local ones). Bishop (1999), "Bayesian PCA".
+``PyroSample`` attributes, as ``pyro.nn.module`` documents) and of the GMM tutorial
+(https://pyro.ai/examples/gmm.html: an AutoGuide over the blocked model that exposes only the
+global sites, called from a hand-written guide that adds the local ones). Bishop (1999), "Bayesian PCA".
 
 The toolkit's per-point estimates for this model are the held-out predictive
 log p(x_n | training data) ~= log E_q(W) p(x_n | W), where p(x_n | W) = N(b, W W^T + sigma^2 I).

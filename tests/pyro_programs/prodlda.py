@@ -15,7 +15,6 @@ of shape [documents, features] and do not broadcast over an extra leading (parti
 
 import pyro
 import pyro.distributions as dist
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
