@@ -392,10 +392,12 @@ def sample(run, n=64, out=None, seed=0, device=None):
     image = run.data.is_image
     out = Path(out) if out else run.path / ("samples.png" if image else "samples.csv")
     suffix = out.suffix.lower()
-    if image and suffix not in (".png", ".jpg", ".jpeg"):
-        raise UserError(f"image samples are written as a picture; give --out FILE.png (got {out.name!r})")
+    if image and suffix not in (".png", ".jpg", ".jpeg", ".csv"):
+        raise UserError(f"image samples are written as a picture (or a CSV of flattened points); give --out "
+                        f"FILE.png or FILE.csv (got {out.name!r})")
     if not image and suffix != ".csv":
         raise UserError(f"vector samples are written as CSV; give --out FILE.csv (got {out.name!r})")
+    image = image and suffix != ".csv"
     if not out.parent.is_dir():
         raise UserError(f"folder {str(out.parent)!r} does not exist; create it or choose another --out")
     from .protocol import as_program

@@ -69,17 +69,28 @@ def _program(lvm, x):
     program = as_program(lvm)
     info = ensure_info(program, x)
     check_per_point_guide(program, x)
+    check_factorizing_guide(program)
     return program, info
+
+
+def check_factorizing_guide(program):
+    """A guide whose local latents are transforms of one draw outside the data plate (AutoDiagonalNormal
+    or AutoMultivariateNormal over local and global sites together) has no density per data point."""
+    info = program.info
+    local_in_guide = [s.name for s in info.local_latents if s.in_guide and s.guide_fn == "Delta"]
+    if info.global_auxiliary_sites and local_in_guide:
+        raise UserError(f"the guide of {program.program_name} draws the local latents {', '.join(local_in_guide[:3])} "
+                        f"from a draw outside the data plate ({', '.join(info.global_auxiliary_sites)}: an "
+                        f"AutoDiagonalNormal or AutoMultivariateNormal over all sites), so it has no density per "
+                        f"data point; estimate log p(x) with a guide that factorizes over the points (AutoNormal, "
+                        f"or an amortized encoder)")
 
 
 def check_per_point_guide(program, x):
     """A guide with one parameter per training point (an ``AutoNormal`` over local latents) has nothing
     to say about other points: refuse them, with the fix."""
     info = program.info
-    if not info.per_point_guide:
-        return
-    trained = getattr(program, "training_points", None)
-    if trained is None or len(x) != trained:
+    if not program.has_posterior_for(x):
         raise UserError(f"the guide of {program.program_name} keeps one parameter per training point "
                         f"({', '.join(info.per_point_parameters[:3])}), so it has no posterior for other points; "
                         f"use an amortized guide (an encoder of x) to estimate log p(x) on new data, or "
@@ -150,7 +161,7 @@ def estimate_log_marginal(lvm, x, estimator="is", num_samples=1000, batch_size=1
             per_point, extras = importance_sampling_log_marginal(
                 program.model, program.guide, x, particles, batch_size, max_memory_mb, seed,
                 info.max_plate_nesting, statistic=key, batches=list(program.batches(x, batch_size)),
-                data_plate=info.data_plate.name, vectorize=particles == 1 or vectorizes(program, x))
+                data_plate=info.data_plate.name, vectorize=particles > 1 and vectorizes(program, x))
             if particles != num_samples:
                 extras["particles_used"] = particles
         extras = {**predictive_extras(info), **extras}

@@ -100,7 +100,10 @@ def _narrow(tensor, axis, lo, size):
 
 def _narrow_terms(terms, lo, size):
     def cut(t):
-        return t if not torch.is_tensor(t) or t.dim() < 2 else _narrow(t, t.dim() - 2, lo, size)
+        if not torch.is_tensor(t) or t.dim() < 2:
+            return t
+        t = _narrow(t, t.dim() - 2, lo, size)
+        return t.expand(t.shape[:-2] + (size, t.shape[-1]))  # the chunk's particles, even where none differ
 
     return terms._replace(log_q=cut(terms.log_q), log_q_enumerated=cut(terms.log_q_enumerated),
                           score_log_q=cut(terms.score_log_q))
@@ -164,7 +167,11 @@ class _GuideBlocks:
         replay = poutine.Trace()
         for name, (_, axis, infer) in pieces[0][0][0].items():
             parts = [_narrow(sites[name][0], axis, lo, hi - lo) for (sites, _, _), lo, hi in pieces]
-            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)  # one block: a view
+            if len(parts) == 1 or all(part.shape[axis] == 1 for part in parts):
+                value = parts[0]  # one block: a view; or a value that does not depend on the particle
+            else:
+                value = torch.cat([part.expand(part.shape[:axis] + (hi - lo,) + part.shape[axis + 1:])
+                                   for part, (_, lo, hi) in zip(parts, pieces)], dim=axis)
             replay.add_node(name, type="sample", name=name, value=value, is_observed=False, infer=infer)
         terms = _cat_terms([_narrow_terms(terms, lo, hi - lo) for (_, terms, _), lo, hi in pieces])
         return replay, ChunkTerms(terms, pieces[0][0][2], (stop - start, self.x.shape[0] if torch.is_tensor(self.x) else len(self.x)))

@@ -385,15 +385,20 @@ def common_scale(scales):
 
 
 def _num_points(model_trace, data_plate):
+    """The points of the data plate in a trace: its size, or for a size-less plate the largest size
+    along its dim among the sites' batch shapes (an enumerated value is not expanded over the points)."""
+    points = 1
     for _, site in _sample_sites(model_trace):
         frame = plate_frame(site, data_plate)
-        if frame is not None:
-            if frame.size is not None and frame.size > 0:
-                return frame.size
-            value = site["value"]
-            batch = value.shape[:value.dim() - site["fn"].event_dim]
-            return batch[frame.dim] if len(batch) >= -frame.dim else 1
-    return 1
+        if frame is None:
+            continue
+        if frame.size is not None and frame.size > 0:
+            return frame.size
+        for shape in (tuple(site["fn"].batch_shape),
+                      tuple(site["value"].shape[:site["value"].dim() - site["fn"].event_dim])):
+            if len(shape) >= -frame.dim:
+                points = max(points, shape[frame.dim])
+    return points
 
 
 def _one_pass(model, guide, args, kwargs, num_particles, max_plate_nesting, replay_transform, detach_guide_params,
@@ -461,8 +466,12 @@ def importance_log_weights(lvm, x, num_particles, max_plate_nesting=None):
     """
     from ..protocol import as_program
 
+    from . import check_factorizing_guide, check_per_point_guide
+
     program = as_program(lvm)
     info = ensure_info(program, x)
+    check_per_point_guide(program, x)
+    check_factorizing_guide(program)
     vectorize = vectorizes(program, x)
     pieces = [compute_importance_weights(program.model, program.guide, (batch,), {}, num_particles,
                                          max_plate_nesting or info.max_plate_nesting, data_plate=info.data_plate.name,

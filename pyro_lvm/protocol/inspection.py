@@ -91,6 +91,7 @@ class ModelInfo:
     point_shape: Optional[tuple] = None
     data_shape: Optional[tuple] = None
     guide_only_sites: list = dataclasses.field(default_factory=list)
+    global_auxiliary_sites: list = dataclasses.field(default_factory=list)
     per_point_parameters: list = dataclasses.field(default_factory=list)
     sample_with_num_samples: bool = False
     markov: bool = False
@@ -242,6 +243,22 @@ def _observed_mismatch(program, model_trace, shape):
     return None
 
 
+def _broadcast_over_points(program, model_trace, plate, num_points):
+    """A UserError if an observed value does not vary along the data plate (one value broadcast over
+    all points: the data were read with the wrong point shape, e.g. [n, 1] for scalars)."""
+    if num_points <= 1:
+        return None
+    for name, site in _observed(model_trace):
+        value, fn = site["value"], site["fn"]
+        dim = value.dim() - len(fn.event_shape) + plate.dim
+        if dim < 0 or value.shape[dim] != num_points:
+            return UserError(f"{program.program_name}.model observes {name!r} with a value of shape "
+                             f"{tuple(value.shape)} that does not follow the {num_points} points of "
+                             f"pyro.plate({plate.name!r}) at dim {plate.dim}; give the observed value the "
+                             f"plate's shape (data of shape {tuple(program.data_shape)} per point)")
+    return None
+
+
 def _point_shape_candidates(data_shape):
     candidates = [tuple(data_shape)]
     if tuple(data_shape) == (1,):
@@ -303,10 +320,16 @@ def _self_subsampling_plates(program, probe):
     return spy.plates
 
 
-def _trace_program(program, x):
-    """Find the point shape and data plate: ``(point_shape, data_plate, guide_trace, model_trace, probe)``."""
+def _trace_program(original, x):
+    """Find the point shape and data plate: ``(twin, point_shape, data_plate, guide_trace, model_trace, probe)``.
+
+    Each point shape is tried on a fresh instance (when the program can make one), so that state a
+    failed try created (a ``pyro.param`` shaped by the data it saw) does not carry over.
+    """
     failures = []
-    for shape in _point_shape_candidates(program.data_shape):
+    for shape in _point_shape_candidates(original.data_shape):
+        program = _copy_for_inspection(original)
+        program.eval()
         probe = x[:PROBE_POINTS]
         program.info = _provisional_info(shape)
         subsampling = _self_subsampling_plates(program, probe)
@@ -332,7 +355,11 @@ def _trace_program(program, x):
             failures.append(mismatch)
             continue
         plate = _find_data_plate(program, model_trace, len(x) if subsampling else len(probe))
-        return shape, plate, guide_trace, model_trace, probe
+        mismatch = _broadcast_over_points(program, model_trace, plate, len(probe))
+        if mismatch is not None:
+            failures.append(mismatch)
+            continue
+        return program, shape, plate, guide_trace, model_trace, probe
     raise failures[0]
 
 
@@ -518,10 +545,32 @@ def inspect_model(lvm, x, check_data=True):
     return info
 
 
+def _parameter_shapes(program):
+    shapes = {name: tuple(value.shape) for name, value in program._store["params"].items()}
+    if isinstance(program.user, torch.nn.Module):
+        shapes.update({name: tuple(value.shape) for name, value in program.user.named_parameters()})
+    return shapes
+
+
+def _size_dependent_parameters(program, x, info, shapes):
+    """Parameters whose shape follows the number of points the program was first run on (a
+    ``pyro.param`` of shape [len(x), K], an ``AutoDiagonalNormal`` over local latents): a second fresh
+    instance is run on one point more and the shapes compared."""
+    if program.factory is None or info.data_plate.kind == "subsampling" or len(x) <= PROBE_POINTS:
+        return []
+    other = _copy_for_inspection(program)
+    other.eval()
+    other.info = info
+    try:
+        _traces(other, x[:PROBE_POINTS + 1])
+    except Exception:  # noqa: BLE001 -- a program that fails here fails in materialize too, with its message
+        return []
+    changed = _parameter_shapes(other)
+    return sorted(name for name, shape in shapes.items() if name in changed and changed[name] != shape)
+
+
 def _inspect(program, x):
-    twin = _copy_for_inspection(program)
-    twin.eval()
-    shape, plate, guide_trace, model_trace, probe = _trace_program(twin, x)
+    twin, shape, plate, guide_trace, model_trace, probe = _trace_program(program, x)
     twin.info = _provisional_info(shape, plate)
     observed = [name for name, _ in _observed(model_trace)]
     positions = _observation_map(twin, x, plate, probe, observed)
@@ -535,15 +584,19 @@ def _inspect(program, x):
     first = observed_sites[0]
     guide_only = [name for name, site in _sample_sites(guide_trace)
                   if not site["is_observed"] and name not in model_trace.nodes]
+    global_auxiliary = [name for name in guide_only if plate_frame(guide_trace.nodes[name], plate.name) is None]
     info = ModelInfo(
         latent_sites=latents,
         observed=SiteInfo(first.name, first.event_shape, (), False, False, True),
         max_plate_nesting=_max_plate_nesting(guide_trace, model_trace),
         observed_support=first.support, likelihood=first.likelihood,
         observed_sites=observed_sites, data_plate=plate, point_shape=shape, data_shape=tuple(program.data_shape),
-        guide_only_sites=guide_only, per_point_parameters=_per_point_parameters(guide_trace, plate),
+        guide_only_sites=guide_only, global_auxiliary_sites=global_auxiliary, per_point_parameters=_per_point_parameters(guide_trace, plate),
         sample_with_num_samples=program.model_call.takes_num_samples,
         markov=any("_markov_depth" in site["infer"] for _, site in _sample_sites(model_trace)))
+    if twin is not program:
+        sized = _size_dependent_parameters(program, x, info, _parameter_shapes(twin))
+        info.per_point_parameters = sorted(set(info.per_point_parameters) | set(sized))
     return info
 
 
@@ -568,8 +621,10 @@ def inspect_by_simulation(lvm, num_points=2):
 
 def materialize(program, x):
     """Run guide and model once on the real object, so that lazily created state (``pyro.param``,
-    an ``AutoGuide``'s parameters) exists, and register the parameters."""
-    batch = program.probe(x)
+    an ``AutoGuide``'s parameters) exists, and register the parameters. A guide with one parameter
+    per data point is set up on all of ``x`` (the training split), the points it will be fitted on."""
+    info = program.info
+    batch = x if info is not None and info.per_point_guide and not program.subsampling else program.probe(x)
     try:
         guide_trace, model_trace = _traces(program, batch)
     except Exception as err:  # noqa: BLE001

@@ -30,6 +30,7 @@ import math
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.util import site_is_subsample
 
 from ..errors import UserError
 from .plates import plate_frame
@@ -127,6 +128,20 @@ class CallingConvention:
         if self.mode == "none":
             return self.fn()
         return self.fn(x)
+
+
+class _SubsampleIndices(poutine.messenger.Messenger):
+    """Set the indices that a self-subsampling plate draws (as ``poutine.replay`` sets a guide's into the
+    model: the site stays a drawn one, so Pyro's model/guide checks see the same plate on both sides)."""
+
+    def __init__(self, plate, indices):
+        super().__init__()
+        self.plate, self.indices = plate, indices
+
+    def _pyro_sample(self, msg):
+        if msg["name"] == self.plate and site_is_subsample(msg):
+            msg["value"] = self.indices
+            msg["done"] = True
 
 
 class _PointMask(poutine.messenger.Messenger):
@@ -328,7 +343,7 @@ class Program(torch.nn.Module):
             fn = (lambda: call(data))
             if uncondition:
                 fn = poutine.uncondition(fn)
-            fn = poutine.condition(fn, data={self.data_plate: batch.indices})
+            fn = _SubsampleIndices(self.data_plate, batch.indices)(fn)
             if batch.valid < len(batch.indices):
                 mask = torch.arange(len(batch.indices), device=batch.indices.device) < batch.valid
                 fn = _PointMask(self.data_plate, self.info.data_plate.dim, mask)(fn)
@@ -370,12 +385,21 @@ class Program(torch.nn.Module):
 
     # ----- batches -----
 
+    def has_posterior_for(self, x):
+        """Whether the guide can say anything about the points ``x``: always for an amortized guide; only
+        for the training points for one that keeps a parameter per training point."""
+        if self.info is None or not self.info.per_point_guide:
+            return True
+        return len(x) == getattr(self, "training_points", None)
+
     @property
     def subsampling(self):
         return self.info is not None and self.info.data_plate.kind == "subsampling"
 
     def batches(self, x, batch_size):
         """``(batch, valid)`` covering every row of ``x`` in order, for evaluation."""
+        if self.info is not None and self.info.per_point_guide and not self.subsampling:
+            batch_size = len(x)  # a guide with one parameter per point: all the points in one batch
         if not self.subsampling:
             for start in range(0, len(x), batch_size):
                 part = x[start:start + batch_size]
@@ -398,15 +422,21 @@ class Program(torch.nn.Module):
         from ..data import DeviceBatches
 
         if not self.subsampling:
-            return DeviceBatches(x, batch_size, seed=seed, dynamic_binarize=dynamic_binarize)
+            # A guide with one parameter per data point indexes them by position: the points stay in order.
+            return DeviceBatches(x, batch_size, seed=seed, dynamic_binarize=dynamic_binarize,
+                                 shuffle=not self.info.per_point_guide)
         return SubsampleBatches(x, self.info.data_plate.subsample_size, seed=seed, dynamic_binarize=dynamic_binarize)
 
     # ----- sampling without data -----
 
     def placeholder(self, n, like=None):
-        shape = self.data_shape if self.data_shape is not None else tuple(like.shape[1:])
-        dtype = like.dtype if like is not None else torch.get_default_dtype()
-        return torch.zeros((n,) + tuple(shape), dtype=dtype, device=self.device())
+        """``n`` points for a model to run on while its observed sites are sampled: rows of ``like`` (real
+        data, cycled: a model may read them, as a multinomial reads its total count), else zeros."""
+        if like is not None and len(like):
+            index = torch.arange(n, device=like.device) % len(like)
+            return like[index].to(self.device())
+        shape = self.data_shape if self.data_shape is not None else ()
+        return torch.zeros((n,) + tuple(shape), device=self.device())
 
     def device(self):
         for tensor in list(self.parameters()) + list(self.buffers()):

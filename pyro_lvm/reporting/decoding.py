@@ -71,11 +71,12 @@ def _mean_trace(trace):
     return trace
 
 
-def decoder_means(lvm, codes):
-    """E[x|z] (or a draw of p(x|z) where the likelihood has no mean) for the codes {name: [n, *event]}."""
+def decoder_means(lvm, codes, like=None):
+    """E[x|z] (or a draw of p(x|z) where the likelihood has no mean) for the codes {name: [n, *event]};
+    ``like``: data points for the model to run on while its observed sites are unconditioned."""
     program = _program(lvm)
     num_points = next(iter(codes.values())).shape[0]
-    placeholder = program.placeholder(num_points)
+    placeholder = program.placeholder(num_points, like)
     pieces = []
     with torch.no_grad():
         for batch, valid in program.batches(placeholder, max(num_points, 1)):

@@ -129,7 +129,7 @@ def _reconstructions(lvm, x, is_image, sites, out_dir):
         section.note = "The guide samples no local latent: there is no code to reconstruct from."
         return section
     shown = x[:NUM_RECONSTRUCTIONS] if is_image else x[: figures.MAX_SCATTER_POINTS]
-    reconstructions = decoder_means(lvm, posterior_means(lvm, shown))
+    reconstructions = decoder_means(lvm, posterior_means(lvm, shown), like=shown)
     path = out_dir / "reconstructions.png"
     if is_image:
         figures.data_and_reconstructions(shown, reconstructions, path)
@@ -174,7 +174,7 @@ def _traversals(lvm, x, sites, diagnostics, out_dir):
         size = math.prod(shape)
         codes[name] = flat[:, start : start + size].reshape(-1, *shape)
         start += size
-    images = decoder_means(lvm, codes)
+    images = decoder_means(lvm, codes, like=x)
     path = figures.latent_traversals(images.reshape(len(dims), TRAVERSAL_STEPS, *images.shape[1:]),
                                      out_dir / "traversals.png")
     caption = (f"Each row moves one latent dimension from {-TRAVERSAL_RANGE:g} to {TRAVERSAL_RANGE:g} "

@@ -181,7 +181,8 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
     # Objectives set themselves up lazily at their first call (Pyro guesses max_plate_nesting from
     # a trace, which draws random numbers). One call under a forked RNG does that now, so the
     # training stream is the same for a fresh run and for one resumed mid-way.
-    probe_data = data.valid if len(data.valid) else data.train
+    evaluable = getattr(lvm, "has_posterior_for", lambda x: True)
+    probe_data = data.valid if len(data.valid) and evaluable(data.valid) else data.train
     probe = lvm.probe(probe_data) if hasattr(lvm, "probe") else probe_data[:2]
     with forked_rng(device, config["seed"]), torch.no_grad():
         objective.loss(model, guide, probe)
@@ -280,9 +281,10 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
                 bar.close()
 
             lvm.eval()
+            # A guide with one parameter per training point has no bound on other points (NaN).
             valid = bound_per_point(objective, lvm.model, lvm.guide, data.valid, config["batch_size"],
-                                    device, seed=config["seed"] + 1, num_train=num_train,
-                                    lvm=lvm) if len(data.valid) and main else float("nan")
+                                    device, seed=config["seed"] + 1, num_train=num_train, lvm=lvm
+                                    ) if len(data.valid) and main and evaluable(data.valid) else float("nan")
             lvm.train()
             elapsed += time.monotonic() - started
             train_elbo = running.item() / max(running_points, 1)
