@@ -64,15 +64,11 @@ import torch
 from torch.distributions import biject_to
 
 from pyro_lvm.errors import UserError
-from pyro_lvm.protocol.plates import PARTICLE_PLATES
+from pyro_lvm.protocol.plates import plate_frame
 
 __all__ = ["annealed_importance_log_marginal", "annealing_schedule", "bdmc"]
 
 CHAIN_PLATE = "chains"
-# The protocol puts the data plate at dim -1 and makes every other dimension an event dimension,
-# so chains go at dim -2 and enumerated discrete latents to the left of both.
-CHAIN_DIM = -2
-FIRST_ENUM_DIM = -3
 
 SIGMOID_SCHEDULE_RADIUS = 4.0
 TARGET_ACCEPTANCE_RATE = 0.65
@@ -116,14 +112,22 @@ def annealing_schedule(num_steps, schedule="sigmoid"):
 
 
 class _ContinuousSite:
-    """One continuous local latent site, and where it sits in the flat unconstrained vector."""
+    """One continuous local latent site, and where it sits in the flat unconstrained vector.
 
-    def __init__(self, name, event_shape, transform, unconstrained_event_shape, offset):
+    ``batch_shape`` is the site's batch shape over the program's plates (``max_plate_nesting`` dims,
+    the data plate at ``data_dim``); in the state, a point's part of the site (the data plate's dim
+    taken out, the other plate dims and the unconstrained event flattened) is ``size`` numbers.
+    """
+
+    def __init__(self, name, event_shape, transform, batch_shape, unconstrained_event_shape, data_dim, offset):
         self.name = name
         self.event_shape = event_shape
         self.transform = transform
+        self.batch_shape = batch_shape
         self.unconstrained_event_shape = unconstrained_event_shape
-        self.size = math.prod(unconstrained_event_shape)
+        self.data_axis = len(batch_shape) + data_dim  # index of the data plate in batch_shape
+        self.rest_shape = tuple(s for i, s in enumerate(batch_shape) if i != self.data_axis)
+        self.size = math.prod(self.rest_shape + unconstrained_event_shape)
         self.offset = offset
 
 
@@ -133,51 +137,49 @@ class _AnnealingTarget:
     For an unconstrained state ``u`` of shape ``[chains, points, dim]`` it computes
     ``a0 = log p0(z(u)) + log|dz/du|`` and ``a1 = log p(x, z(u)) + log|dz/du|``, so that
     ``log f_beta(u) = (1 - beta) a0 + beta a1``, and the gradient of ``log f_beta`` in ``u``.
+    The chains run in ``pyro.plate("chains", C, dim=-(max_plate_nesting + 1))``, left of every plate
+    of the program (``vectorized=False``: one chain, no chain plate, for a program that does not
+    broadcast over a dim on the left); enumerated sites go further left and are summed out by the
+    variable elimination of :mod:`.importance_weights` (plates and ``pyro.markov`` chains included).
     """
 
-    def __init__(self, lvm, x, num_chains, proposal):
+    def __init__(self, lvm, x, num_chains, proposal, vectorized=True):
         if proposal not in ("prior", "guide"):
             raise UserError(f"unknown AIS proposal {proposal!r}; use 'prior' or 'guide'")
         program, info = _program(lvm, x)
         self.lvm = program
         self.data_plate = info.data_plate.name
+        self.data_dim = info.data_plate.dim
+        self.max_plate_nesting = info.max_plate_nesting
+        self.chain_dim = -(info.max_plate_nesting + 1)
+        self.first_enum_dim = -(info.max_plate_nesting + 2)
         self.observed_names = set(info.observed_names)
         # Discrete sites that the guide enumerates are summed out of p(z) and p(x, z) here, as the model's own.
         guide_enumerated = {s.name for s in info.guide_enumerated}
         self.model = program.model if not guide_enumerated else poutine.infer_config(
             program.model, lambda msg: {"enumerate": "parallel"} if msg["name"] in guide_enumerated else {})
         self.x = x
-        self.num_chains = num_chains
-        self.num_points = x.shape[0]
+        self.vectorized = vectorized
+        self.num_chains = num_chains if vectorized else 1
+        self.num_points = len(x)
         self.proposal = proposal
         self._inspect_model()
         if proposal == "guide" and self.sites:
             self._inspect_guide()
 
+    def _chains(self):
+        if not self.vectorized:
+            return contextlib.nullcontext()
+        return pyro.plate(CHAIN_PLATE, self.num_chains, dim=self.chain_dim)
+
     # ----- what the model is, from a trace -----
 
     def _check_plates(self, site, owner):
-        frames = site["cond_indep_stack"]
-        names = [frame.name for frame in frames]
-        plate = self.data_plate
-        names = [name for name in names if name not in PARTICLE_PLATES]
-        if plate not in names:
+        if plate_frame(site, self.data_plate) is None:
             raise UserError(
-                f"site {site['name']!r} of the {owner} is outside pyro.plate({plate!r}) (a global "
+                f"site {site['name']!r} of the {owner} is outside pyro.plate({self.data_plate!r}) (a global "
                 "site); AIS anneals the latents of each data point and cannot anneal a global latent: use "
                 "--estimator is, which estimates the predictive log p(x_n | training data)"
-            )
-        extra = [name for name in names if name != plate]
-        if extra:
-            raise UserError(
-                f"site {site['name']!r} of the {owner} sits in plates {extra} besides {plate!r}; "
-                "AIS needs the data plate only: declare the other dimensions with .to_event(), or use --estimator is"
-            )
-        data_frame = next(frame for frame in frames if frame.name == plate)
-        if data_frame.dim != -1:
-            raise UserError(
-                f"pyro.plate({plate!r}) is at dim {data_frame.dim}; AIS needs the data plate at dim -1 "
-                "(the rightmost batch dim); use --estimator is"
             )
 
     def _inspect_model(self):
@@ -185,12 +187,13 @@ class _AnnealingTarget:
             trace = poutine.trace(self.model).get_trace(self.x)
         self.sites, self.enumerated_names = [], []
         offset = 0
+        mpn = self.max_plate_nesting
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
-            self._check_plates(site, "model")
             if site["is_observed"]:
                 continue
+            self._check_plates(site, "model")
             enumerate_ = site["infer"].get("enumerate")
             if enumerate_ == "parallel":
                 self.enumerated_names.append(name)
@@ -206,11 +209,12 @@ class _AnnealingTarget:
                     f"latent site {name!r} is discrete and not enumerated; HMC cannot move it: mark it "
                     "infer={'enumerate': 'parallel'} so that it is summed out exactly"
                 )
-            if tuple(value.shape) != (self.num_points,) + tuple(fn.event_shape):
+            batch = tuple(fn.batch_shape)
+            batch = (1,) * (mpn - len(batch)) + batch
+            if batch[len(batch) + self.data_dim] != self.num_points:
                 raise UserError(
-                    f"latent site {name!r} has shape {tuple(value.shape)}, expected "
-                    f"{(self.num_points,) + tuple(fn.event_shape)} (data plate, then event dims): "
-                    "declare every non-plate dimension with .to_event()"
+                    f"latent site {name!r} has batch shape {tuple(fn.batch_shape)}, which does not follow the "
+                    f"{self.num_points} points of pyro.plate({self.data_plate!r}); use --estimator is"
                 )
             try:
                 transform = biject_to(fn.support)
@@ -219,10 +223,15 @@ class _AnnealingTarget:
                     f"latent site {name!r} has support {fn.support}, which has no bijection to the "
                     "reals; AIS runs HMC on unconstrained continuous latents only"
                 ) from None
-            unconstrained_event_shape = tuple(transform.inv(value).shape[1:])
-            site_info = _ContinuousSite(name, tuple(fn.event_shape), transform, unconstrained_event_shape, offset)
+            full = value.expand(batch + tuple(fn.event_shape))
+            unconstrained_event_shape = tuple(transform.inv(full).shape[len(batch):])
+            site_info = _ContinuousSite(name, tuple(fn.event_shape), transform, batch, unconstrained_event_shape,
+                                        self.data_dim, offset)
             self.sites.append(site_info)
             offset += site_info.size
+        for name in self.observed_names:
+            if name in trace.nodes:
+                self._check_plates(trace.nodes[name], "model")
         self.latent_dim = offset
         self.latent_names = {site.name for site in self.sites} | set(self.enumerated_names)
 
@@ -244,66 +253,85 @@ class _AnnealingTarget:
 
     # ----- states -----
 
+    def _with_chain_dim(self, value, site, event_dims):
+        """A site's value as ``[C, *batch_shape, *event]`` (the chain dim added where there is none)."""
+        batch_dims = len(site.batch_shape) + (1 if self.vectorized else 0)
+        while value.dim() - event_dims < batch_dims:
+            value = value.unsqueeze(0)
+        if not self.vectorized:
+            value = value.unsqueeze(0)
+        return value.expand((self.num_chains,) + site.batch_shape + tuple(value.shape[value.dim() - event_dims:]))
+
     def pack(self, values):
-        """Constrained values ``{name: [C, n, *event]}`` to the unconstrained state ``[C, n, dim]``."""
-        parts = [
-            site.transform.inv(values[site.name]).reshape(self.num_chains, self.num_points, site.size)
-            for site in self.sites
-        ]
+        """Constrained values ``{name: [C, *batch, *event]}`` to the unconstrained state ``[C, n, dim]``."""
+        parts = []
+        for site in self.sites:
+            u = site.transform.inv(values[site.name])
+            u = self._with_chain_dim(u, site, len(site.unconstrained_event_shape))
+            u = u.movedim(1 + site.data_axis, 1)
+            parts.append(u.reshape(self.num_chains, self.num_points, site.size))
         return torch.cat(parts, dim=-1)
 
     def unpack(self, u):
-        """The unconstrained state to constrained values and ``log|dz/du|`` of shape ``[C, n]``."""
+        """The unconstrained state to constrained values ``{name: [C, *batch, *event]}`` (without the
+        chain dim for a single chain run without a chain plate) and ``log|dz/du|`` of shape ``[C, n]``."""
+        from .importance_weights import point_view
+
         values, log_det = {}, 0.0
         for site in self.sites:
             u_site = u[..., site.offset : site.offset + site.size].reshape(
-                u.shape[:2] + site.unconstrained_event_shape
+                u.shape[:2] + site.rest_shape + site.unconstrained_event_shape
             )
+            u_site = u_site.movedim(1, 1 + site.data_axis)
             z_site = site.transform(u_site)
-            values[site.name] = z_site
             ladj = site.transform.log_abs_det_jacobian(u_site, z_site)
-            if ladj.dim() > 2:
-                ladj = ladj.reshape(ladj.shape[:2] + (-1,)).sum(-1)
-            log_det = log_det + ladj
+            extra = ladj.dim() - (1 + len(site.batch_shape))
+            if extra > 0:
+                ladj = ladj.sum(tuple(range(-extra, 0)))
+            log_det = log_det + point_view(ladj, self.data_dim, self.max_plate_nesting)
+            values[site.name] = z_site if self.vectorized else z_site[0]
         return values, log_det
 
     def sample_proposal(self):
         """``[C, n, dim]`` unconstrained draws from ``p0``: the prior by ancestral sampling, or the guide."""
         program = self.model if self.proposal == "prior" else self.lvm.guide
-        with torch.no_grad(), pyro.plate(CHAIN_PLATE, self.num_chains, dim=CHAIN_DIM):
+        with torch.no_grad(), self._chains():
             trace = poutine.trace(program).get_trace(self.x)
-        shape = (self.num_chains, self.num_points)
-        values = {site.name: trace.nodes[site.name]["value"].expand(shape + site.event_shape) for site in self.sites}
+        values = {site.name: trace.nodes[site.name]["value"] for site in self.sites}
         return self.pack(values)
 
     # ----- densities -----
 
-    def _sum_out_enumeration(self, log_prob):
-        # Every site lives in the chains and data plates, and enumeration dims are to their left, so
-        # the joint over the enumerated values is the broadcast sum, and marginalising is a logsumexp.
-        log_prob = log_prob + torch.zeros(self.num_chains, self.num_points, dtype=self.x.dtype, device=self.x.device)
-        return log_prob.reshape(-1, self.num_chains, self.num_points).logsumexp(0)
+    def _per_chain(self, log_prob):
+        from .importance_weights import point_view
+
+        return point_view(log_prob, self.data_dim, self.max_plate_nesting).reshape(self.num_chains, self.num_points)
 
     def _model_log_densities(self, values):
         """``log p(z)`` and ``log p(x, z)`` at continuous latents ``values``, discrete ones summed out."""
-        model = poutine.enum(poutine.condition(self.model, data=values), first_available_dim=FIRST_ENUM_DIM)
-        with pyro.plate(CHAIN_PLATE, self.num_chains, dim=CHAIN_DIM):
+        from .importance_weights import model_log_density
+
+        model = poutine.enum(poutine.condition(self.model, data=values), first_available_dim=self.first_enum_dim)
+        with self._chains():
             trace = poutine.trace(model).get_trace(self.x)
-        trace.compute_log_prob()
-        log_latent, log_joint = 0.0, 0.0
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
-            log_joint = log_joint + site["log_prob"]
-            if name in self.latent_names:
-                log_latent = log_latent + site["log_prob"]
-        return self._sum_out_enumeration(log_latent), self._sum_out_enumeration(log_joint)
+        mpn, chains = self.max_plate_nesting, self.num_chains
+        plate = CHAIN_PLATE if self.vectorized else None
+        log_joint, _, _ = model_log_density(trace, set(), mpn, chains, data_plate=self.data_plate,
+                                            particle_plate=plate)
+        latent_trace = trace.copy()
+        for name in self.observed_names:
+            if name in latent_trace.nodes:
+                latent_trace.remove_node(name)
+        log_latent, _, _ = model_log_density(latent_trace, set(), mpn, chains, data_plate=self.data_plate,
+                                             particle_plate=plate)
+        expand = torch.zeros(chains, self.num_points, dtype=self.x.dtype, device=self.x.device)
+        return log_latent + expand, log_joint + expand
 
     def _guide_log_density(self, values):
-        with pyro.plate(CHAIN_PLATE, self.num_chains, dim=CHAIN_DIM):
+        with self._chains():
             trace = poutine.trace(poutine.condition(self.lvm.guide, data=values)).get_trace(self.x)
         trace.compute_log_prob()
-        return sum(trace.nodes[site.name]["log_prob"] for site in self.sites)
+        return sum(self._per_chain(trace.nodes[site.name]["log_prob"]) for site in self.sites)
 
     def log_densities(self, u, beta, with_grad=True):
         """``(a0, a1, grad_u log f_beta)`` at the unconstrained state ``u``; grad is None unless asked.
@@ -470,22 +498,39 @@ def annealed_importance_log_marginal(
 
         per_point, _ = exact_log_marginal(program, x, 100)
         return per_point, _exact_extras(num_chains)
-    with _seeded(x.device, seed), torch.no_grad():
-        target = _AnnealingTarget(program, x, num_chains, proposal)
-        if not target.sites:
-            extras = _exact_extras(num_chains)
-            return target.exact_log_marginal(), extras
-        log_weight, stats = _anneal(
-            target, target.sample_proposal(), betas, hmc_step_size, int(leapfrog_steps), adapt_step_size
-        )
+    from .importance_weights import vectorizes
+
+    # Chains run vectorized in a plate left of the program's; a program that does not broadcast over
+    # such a dim runs them one at a time, each from its own seed. A self-subsampling data plate is
+    # annealed batch by batch (its subsample size); any other, all points at once.
+    vectorized = vectorizes(program, x)
+    runs = [(c, 1) for c in range(num_chains)] if not vectorized else [(0, num_chains)]
+    batches = list(program.batches(x, len(x))) if info.data_plate.kind == "subsampling" else [(x, len(x))]
+    per_point, weights, all_stats = [], [], []
+    for batch, valid in batches:
+        batch_weights = []
+        for offset, chains in runs:
+            with _seeded(x.device, seed + offset), torch.no_grad():
+                target = _AnnealingTarget(program, batch, chains, proposal, vectorized=vectorized)
+                log_weight, stats = _anneal(
+                    target, target.sample_proposal(), betas, hmc_step_size, int(leapfrog_steps), adapt_step_size
+                )
+            batch_weights.append(log_weight[:, :valid])
+            all_stats.append(stats)
+        log_weight = torch.cat(batch_weights, dim=0)
+        weights.append(log_weight)
+        per_point.append(_log_mean_exp(log_weight))
+    log_weight = torch.cat(weights, dim=-1)
     extras = {
         "num_chains": num_chains,
         "num_steps": len(betas) - 1,
-        "acceptance_rate": stats["acceptance_rate"],
-        "step_size_mean": stats["step_size_mean"],
+        "acceptance_rate": sum(s["acceptance_rate"] for s in all_stats) / len(all_stats),
+        "step_size_mean": sum(s["step_size_mean"] for s in all_stats) / len(all_stats),
         "log_weight_ess": _effective_sample_size(log_weight),
     }
-    return _log_mean_exp(log_weight), extras
+    if not vectorized:
+        extras["chains_one_at_a_time"] = True
+    return torch.cat(per_point), extras
 
 
 def _exact_extras(num_chains):
@@ -502,16 +547,12 @@ def _exact_extras(num_chains):
 
 
 def _program(lvm, x):
-    """The program of ``lvm`` and its info; AIS runs on all of ``x`` at once, so a data plate that
-    subsamples itself is refused."""
+    """The program of ``lvm`` and its info (inspected on ``x`` the first time)."""
     from ..protocol import as_program
     from .importance_weights import ensure_info
 
     program = as_program(lvm)
-    info = ensure_info(program, x) if x is not None else program.info
-    if info.data_plate.kind == "subsampling":
-        raise UserError(f"the data plate {info.data_plate.name!r} subsamples itself; AIS anneals all points at once "
-                        f"and cannot follow it: use --estimator is")
+    info = ensure_info(program, x) if x is not None and program.info is None else program.info
     return program, info
 
 
@@ -566,11 +607,7 @@ def bdmc(lvm, num_points=50, num_chains=4, num_steps=200, seed=0, **ais_options)
                 target, target.sample_proposal(), betas, hmc_step_size, leapfrog_steps, adapt_step_size
             )
             lower = _log_mean_exp(log_weight_forward)
-            chain_shape = (num_chains, num_points)
-            posterior_sample = {
-                site.name: simulation.nodes[site.name]["value"].detach().expand(chain_shape + site.event_shape)
-                for site in target.sites
-            }
+            posterior_sample = {site.name: simulation.nodes[site.name]["value"].detach() for site in target.sites}
             plan = stats["step_size_plan"]
             log_weight_reverse, _ = _anneal(
                 target,

@@ -285,7 +285,8 @@ def guide_log_density(guide_trace, max_plate_nesting, num_particles, detach_para
 
 
 def model_log_density(model_trace, guide_names, max_plate_nesting, num_particles, data_plate=None,
-                      allow_global=True, objective="the importance-weighted bound", guide_enumerated_dims=frozenset()):
+                      allow_global=True, objective="the importance-weighted bound", guide_enumerated_dims=frozenset(),
+                      particle_plate=PARTICLE_PLATE):
     """log p(x, z) per particle and point, ``[..., K, n]``, with the model's enumerated sites summed out
     exactly (the guide's enumerated dims, if any, are kept on the left).
 
@@ -334,8 +335,8 @@ def model_log_density(model_trace, guide_names, max_plate_nesting, num_particles
     model_trace.symbolize_dims()
     packed_terms = [(site, packed.pack(_site_log_prob(site), site["infer"]["_dim_to_symbol"])) for site in sites]
     present = set().union(*(term._pyro_dims for _, term in packed_terms))
-    outer = {model_trace.plate_to_symbol[name] for name in (PARTICLE_PLATE, data_plate)
-             if name in model_trace.plate_to_symbol}
+    outer = {model_trace.plate_to_symbol[name] for name in (particle_plate, data_plate)
+             if name is not None and name in model_trace.plate_to_symbol}
     tensor_tree = {}
     for site, term in packed_terms:
         ordinal = frozenset(symbol for symbol in (model_trace.plate_to_symbol[f.name]
@@ -493,7 +494,8 @@ def vectorizes(program, x):
     """Whether the program's particles can run vectorized (checked once on a batch of ``x``)."""
     info = ensure_info(program, x)
     if info.vectorizable is None:
-        info.vectorizable = check_vectorization(program, x)
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            info.vectorizable = check_vectorization(program, x)
     return info.vectorizable
 
 
