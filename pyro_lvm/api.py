@@ -374,7 +374,9 @@ def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_
         raise UserError(f"the {split} split of {run.config['data']['name']} is empty; choose another --split")
     bdmc_points = estimator_options.pop("bdmc_points", None)
     bdmc_points = 0 if bdmc_points is None else check_count("--bdmc-points", bdmc_points, minimum=0)
-    max_memory_mb = resources.memory_budget_mb(max_memory_mb, run.device) if max_memory_mb > 0 else max_memory_mb
+    if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)) or not max_memory_mb > 0:
+        raise UserError(f"--max-memory-mb must be a positive number of MiB, got {max_memory_mb!r}")
+    max_memory_mb = resources.memory_budget_mb(max_memory_mb, run.device)
     if estimator != "ais" and (estimator_options or bdmc_points):
         raise UserError(f"--ais-steps, --proposal and --bdmc-points apply to --estimator ais only (got {estimator})")
     if estimator == "ais":  # every chain of every point at once

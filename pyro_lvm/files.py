@@ -154,6 +154,8 @@ def atomic_write_bytes(path, data, fix="remove it or choose another path"):
     except OSError as err:
         if err.errno in (errno.ENOENT, errno.ENOTDIR):
             raise UserError(f"folder {str(path.parent)!r} does not exist; create it or choose another path") from None
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise UserError(f"cannot write in {path.parent}: {err.strerror}; choose a place where you may write") from None
         raise
     try:
         with os.fdopen(fd, "wb") as f:
@@ -198,7 +200,14 @@ def append_line(path, line, fix="remove it (pyro-lvm writes one JSON line there 
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line
-        os.write(fd, line)
-        os.fsync(fd)
+        try:
+            written = os.write(fd, line)
+            if written != len(line):  # a full disk wrote part of it: take the part back, say so
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
     finally:
         os.close(fd)

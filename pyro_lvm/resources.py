@@ -262,6 +262,21 @@ def check_array_memory(shape, itemsize, what, fix="use a smaller file"):
     check_memory(needed, f"{what} (shape {tuple(int(s) for s in shape)})", fix, "cpu")
 
 
+def check_zip_memory(f, what, factor=2, fix="use a smaller file"):
+    """Refuse a zip archive (a ``.pt`` file, a checkpoint) whose members inflate beyond memory:
+    their uncompressed sizes, from the archive's directory, times ``factor``. ``f`` is left at 0."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(f) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return
+    finally:
+        f.seek(0)
+    check_memory(total * factor, f"{what} (its tensors unpack to {format_bytes(total)})", fix, "cpu")
+
+
 def check_file_memory(path, factor, what, fix="use a smaller file"):
     """Refuse a file whose parsed contents (about ``factor`` x its size) cannot fit in memory."""
     try:

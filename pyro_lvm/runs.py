@@ -110,6 +110,7 @@ def load_checkpoint(path, map_location="cpu", for_resume=False):
     resources.check_file_memory(path, 1, f"loading {path}", "load it on a machine with more memory")
     try:
         with files.open_file(path, fix=fix) as f:
+            resources.check_zip_memory(f, f"loading {path}", factor=1, fix="load it on a machine with more memory")
             state = torch.load(f, map_location=map_location, weights_only=True)
     except UserError:
         raise
@@ -287,9 +288,8 @@ def _make_folders(out):
             if err.errno == errno.ENAMETOOLONG:
                 raise UserError(f"--out {str(out)[:80]}...: a name in that path is longer than the file system "
                                 f"allows (255 bytes); choose a shorter --out") from None
-            if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise UserError(f"cannot create {folder}: {err.strerror}; choose an --out where you may write") from None
-            raise
+            raise UserError(f"cannot create {folder}: {err.strerror or err}; choose an --out where you may "
+                            f"write") from None
     return created
 
 

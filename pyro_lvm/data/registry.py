@@ -34,6 +34,7 @@ import dataclasses
 import difflib
 import hashlib
 import io
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -250,27 +251,13 @@ def _npy_header(f):
     return shape, dtype
 
 
-def _check_npy_size(f, path, member=None):
-    """Refuse an array whose header says it cannot fit in memory (read before the data)."""
+def _npy_bytes(f, path, member=None):
+    """``(shape, itemsize)`` from an array header (read before the data), or ``None`` if unreadable."""
     try:
         shape, dtype = _npy_header(f)
     except Exception:  # noqa: BLE001 -- a broken header is reported by np.load below
-        return
-    name = f"the array {member!r} of {path}" if member else f"the array in {path}"
-    resources.check_array_memory(shape, dtype.itemsize, f"reading {name}")
-
-
-def _check_zip_size(f, path, factor=2):
-    """Refuse a zip (``.pt``) whose members inflate beyond memory."""
-    try:
-        with zipfile.ZipFile(f) as archive:
-            total = sum(info.file_size for info in archive.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return
-    finally:
-        f.seek(0)
-    resources.check_memory(total * factor, f"reading {path} (its tensors unpack to {resources.format_bytes(total)})",
-                           "use a smaller file", "cpu")
+        return None
+    return shape, dtype.itemsize
 
 
 def _read_file(path):
@@ -309,17 +296,28 @@ def _read_file(path):
 def _read_arrays(f, path, suffix):
     """``{name: array}`` from the open data file ``f``, after checking that its arrays fit in memory."""
     if suffix == ".npy":
-        _check_npy_size(f, path)
+        header = _npy_bytes(f, path)
+        if header is not None:
+            resources.check_array_memory(*header, f"reading the array in {path}")
         f.seek(0)
         return {"x": np.load(f, allow_pickle=False)}
-    if suffix == ".npz":
+    if suffix == ".npz":  # every array is read: their sizes together, from their headers
         if zipfile.is_zipfile(f):
             f.seek(0)
+            headers = []
             with zipfile.ZipFile(f) as archive:
                 for info in archive.infolist():
                     if info.filename.endswith(".npy"):
                         with archive.open(info) as member:
-                            _check_npy_size(member, path, info.filename[:-4])
+                            headers.append(_npy_bytes(member, path))
+            headers = [h for h in headers if h is not None]
+            if len(headers) == 1:
+                resources.check_array_memory(*headers[0], f"reading the array in {path}")
+            elif headers:
+                count = sum(math.prod(int(s) for s in shape) for shape, _ in headers)
+                itemsize = max(size for _, size in headers)
+                resources.check_array_memory((count,), itemsize, f"reading the {len(headers)} arrays of {path} "
+                                             f"(values in all)")
         f.seek(0)
         with np.load(f, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
@@ -328,7 +326,7 @@ def _read_arrays(f, path, suffix):
         return {"x": _read_csv(f, path)}
     import warnings
 
-    _check_zip_size(f, path)
+    resources.check_zip_memory(f, f"reading {path}")
     if not zipfile.is_zipfile(f):  # the legacy format: the file holds its storages as they are
         resources.check_file_memory(path, 3, f"reading {path}")
     f.seek(0)
