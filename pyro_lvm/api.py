@@ -187,7 +187,7 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
     this process is one of ``torchrun``'s ranks, training data-parallel (:mod:`pyro_lvm.training.distributed`).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    from .training.distributed import context_for, run_lock
+    from .training.distributed import context_for
 
     ctx = context_for(distributed, options.get("device"))
     log = ctx.main_only(log) if ctx is not None else log
@@ -204,6 +204,7 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
 
 
 def _fit_new_run(model, data, out, run_dir, hyperparameters, options, progress, log, ctx):
+    """The body of :func:`fit` for a new run, inside its created and locked ``run_dir``."""
     cfg = {**FIT_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     cfg["data"] = data or default_data_for(model)
     _check_options(cfg)

@@ -412,31 +412,32 @@ METRICS_LINES = [
 
 
 def _bad_checkpoints():
-    def edit(f):
-        return f
-
+    """``(name, edit of the loaded state)``: checkpoints that load with weights_only but are wrong."""
     return [
-        ("no rng", edit(lambda s: s.pop("rng"))),
-        ("no optimizer", edit(lambda s: s.pop("optimizer"))),
-        ("no epoch", edit(lambda s: s.pop("epoch"))),
-        ("no model", edit(lambda s: s.pop("model"))),
-        ("epoch -1", edit(lambda s: s.update(epoch=-1))),
-        ("epoch -100", edit(lambda s: s.update(epoch=-100))),
-        ("epoch as a string", edit(lambda s: s.update(epoch="1"))),
-        ("epoch as a tensor", edit(lambda s: s.update(epoch=torch.tensor([1, 2])))),
-        ("rng as a string", edit(lambda s: s.update(rng="seed"))),
-        ("rng state cut short", edit(lambda s: s["rng"].update(torch=s["rng"]["torch"][:10]))),
-        ("optimizer as a list", edit(lambda s: s.update(optimizer=[1, 2]))),
-        ("optimizer state of other shapes", edit(lambda s: [v.update(exp_avg=torch.zeros(7, 7))
-                                                           for v in s["optimizer"]["state"].values()])),
-        ("model as a list", edit(lambda s: s.update(model=[1, 2]))),
-        ("a NaN weight", edit(lambda s: next(iter(s["model"].values())).fill_(float("nan")))),
-        ("model weights of other shapes", edit(lambda s: s["model"].update({k: torch.zeros(9, 9) for k in s["model"]}))),
-        ("running sum as a string", edit(lambda s: s.update(running_elbo_sum="0"))),
-        ("step in epoch past the end", edit(lambda s: s.update(step_in_epoch=10 ** 6))),
-        ("global step -5", edit(lambda s: s.update(global_step=-5))),
-        ("seconds NaN", edit(lambda s: s.update(seconds=float("nan")))),
-        ("epoch 0 with metrics", edit(lambda s: s.update(epoch=0, step_in_epoch=0))),
+        ("no rng", lambda s: s.pop("rng")),
+        ("no optimizer", lambda s: s.pop("optimizer")),
+        ("no epoch", lambda s: s.pop("epoch")),
+        ("no model", lambda s: s.pop("model")),
+        ("epoch -1", lambda s: s.update(epoch=-1)),
+        ("epoch -100", lambda s: s.update(epoch=-100)),
+        ("epoch as a string", lambda s: s.update(epoch="1")),
+        ("epoch as a tensor", lambda s: s.update(epoch=torch.tensor([1, 2]))),
+        ("rng as a string", lambda s: s.update(rng="seed")),
+        ("rng state cut short", lambda s: s["rng"].update(torch=s["rng"]["torch"][:10])),
+        ("optimizer as a list", lambda s: s.update(optimizer=[1, 2])),
+        ("optimizer state of other shapes", lambda s: [v.update(exp_avg=torch.zeros(7, 7))
+                                                     for v in s["optimizer"]["state"].values()]),
+        ("optimizer lr as a string", lambda s: s["optimizer"]["param_groups"][0].update(lr="fast")),
+        ("optimizer step as a string", lambda s: [v.update(step="3") for v in s["optimizer"]["state"].values()]),
+        ("optimizer betas out of range", lambda s: s["optimizer"]["param_groups"][0].update(betas=[2.0, 0.9])),
+        ("model as a list", lambda s: s.update(model=[1, 2])),
+        ("a NaN weight", lambda s: next(iter(s["model"].values())).fill_(float("nan"))),
+        ("model weights of other shapes", lambda s: s["model"].update({k: torch.zeros(9, 9) for k in s["model"]})),
+        ("running sum as a string", lambda s: s.update(running_elbo_sum="0")),
+        ("step in epoch past the end", lambda s: s.update(step_in_epoch=10 ** 6)),
+        ("global step -5", lambda s: s.update(global_step=-5)),
+        ("seconds NaN", lambda s: s.update(seconds=float("nan"))),
+        ("epoch 0 with metrics", lambda s: s.update(epoch=0, step_in_epoch=0)),
     ]
 
 
