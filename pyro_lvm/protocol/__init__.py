@@ -16,8 +16,8 @@ A program is a Pyro model/guide pair as Pyro users write it: a class with ``mode
 from .building import build_model, construct, hyperparameters, resolve_hyperparameters, takes_data_shape
 from .inspection import (DataPlate, ModelInfo, ObservedSite, SiteInfo, as_program, check_support, inspect_model,
                          materialize, observed_values)
-from .loading import (ProgramFunctions, load_model_class, register_user_source, user_code_error, user_frame,
-                      zoo_dir, zoo_models)
+from .loading import (ProgramFunctions, load_model_class, register_user_source, split_model_spec, user_code_error,
+                      user_frame, zoo_dir, zoo_models)
 from .plates import PARTICLE_PLATES, DataPlateScale, EvaluationScale, plate_frame, program_frames
 from .program import Program, SubsampleBatch, SubsampleBatches
 
@@ -25,4 +25,4 @@ __all__ = ["DataPlate", "DataPlateScale", "EvaluationScale", "ModelInfo", "Obser
            "Program", "ProgramFunctions", "SiteInfo", "SubsampleBatch", "SubsampleBatches", "as_program",
            "build_model", "check_support", "construct", "hyperparameters", "inspect_model", "load_model_class",
            "materialize", "observed_values", "plate_frame", "program_frames", "register_user_source",
-           "resolve_hyperparameters", "takes_data_shape", "user_code_error", "user_frame", "zoo_dir", "zoo_models"]
+           "resolve_hyperparameters", "split_model_spec", "takes_data_shape", "user_code_error", "user_frame", "zoo_dir", "zoo_models"]

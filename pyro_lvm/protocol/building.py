@@ -94,22 +94,6 @@ def resolve_hyperparameters(cls, overrides):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
 
 
-def _available_memory_bytes(device):
-    """Memory a new model may take: free GPU memory on CUDA, else the host's available memory
-    (``MemAvailable``, Linux); None where it cannot be read."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _constructor_kwargs(cls, data_shape, hparams):
     kwargs = dict(hparams)
     if takes_data_shape(cls):
@@ -123,26 +107,23 @@ def _described(cls, data_shape, hparams):
 
 
 def _check_model_size(cls, data_shape, hparams, device):
-    """Refuse a model too large for the machine before allocating it.
+    """Refuse a model that is empty (a size hyperparameter of 0) or too large for the machine, before
+    allocating it (:func:`pyro_lvm.resources.check_model_size`: built once on the ``meta`` device,
+    against the memory the container's limit leaves)."""
+    from ..resources import check_model_size
 
-    The class is instantiated once on PyTorch's ``meta`` device, which records shapes and allocates
-    nothing, so ``-p hidden=1000000000`` is a one-line error instead of an allocation that the
-    operating system may grant lazily and then kill the process for.
-    """
     if issubclass(cls, ProgramFunctions):
         return
     try:
-        with torch.device("meta"), _user_settings(cls):
-            shell = cls(**_constructor_kwargs(cls, data_shape, hparams))
-        tensors = list(shell.parameters()) + list(shell.buffers())
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    except Exception:  # noqa: BLE001 -- a model meta cannot build is checked by the real build
-        return
-    for where in {torch.device("cpu"), torch.device(device)}:  # built on the CPU, then moved
-        available = _available_memory_bytes(where)
-        if available is not None and nbytes > available:
-            raise UserError(f"{_described(cls, data_shape, hparams)} has {nbytes / 2 ** 30:.3g} GiB of parameters, "
-                            f"more than the {available / 2 ** 30:.3g} GiB free on {where}; choose smaller -p sizes")
+        defaults = {k: tuple(v) if isinstance(v, list) else v for k, v in hyperparameters(cls).items()}
+    except UserError:
+        defaults = None
+
+    def build(values):
+        with _user_settings(cls):
+            return cls(**_constructor_kwargs(cls, data_shape, values))
+
+    check_model_size(cls, data_shape, hparams, device, defaults=defaults, build=build)
 
 
 def _user_settings(cls):

@@ -7,6 +7,7 @@ removes the directory it created.
 """
 
 import shutil
+from pathlib import Path
 
 import torch
 
@@ -60,10 +61,18 @@ def preflight(objective, program, probe, num_train, device):
             program.train(was_training)
 
 
-def remove_failed_run(out, err, created):
-    """Remove the run directory ``out`` that this fit created if it failed on the user's input (a
-    :class:`UserError` or an error in the model's code) before writing its first checkpoint."""
-    if not created or (out / "checkpoint.pt").exists():
-        return
-    if isinstance(err, UserError) or user_code_error(err) is not None:
-        shutil.rmtree(out, ignore_errors=True)
+def remove_failed_run(out, err, keep=(".lock",)):
+    """Take back the files of a run that the user's input stopped (a :class:`UserError` or an error in
+    the model's code) before its first checkpoint: nothing there to resume. Returns whether it did
+    (the caller then removes the directory itself, as for a fit refused before it began)."""
+    out = Path(out)
+    if (out / "checkpoint.pt").exists() or not (isinstance(err, UserError) or user_code_error(err) is not None):
+        return False
+    for entry in out.iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return True

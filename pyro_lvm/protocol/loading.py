@@ -286,11 +286,21 @@ def _from_module(module, target, class_name):
     return obj
 
 
+def split_model_spec(spec):
+    """``(file or module, class name or "")`` of ``path/file.py:Class``, ``pkg.mod:Class`` or a path;
+    a colon inside a folder name (``runs/a:b/model.py``) is part of the path, not a separator."""
+    spec = str(spec)
+    target, sep, class_name = spec.rpartition(":")
+    if not sep or "/" in class_name or "\\" in class_name or class_name.endswith(".py"):
+        return spec, ""
+    return target, class_name
+
+
 def load_model_class(spec):
     """Resolve a model name (zoo name, ``file.py[:Class]`` or ``pkg.mod[:Class]``) to a class."""
     spec = str(spec)
     zoo = _zoo_files()
-    if ":" not in spec and not spec.endswith(".py"):
+    if not split_model_spec(spec)[1] and not spec.endswith(".py") and "/" not in spec:
         key = spec.replace("_", "-").lower()
         if key in zoo:
             module = _module_from_file(zoo[key], "zoo_" + key.replace("-", "_"))
@@ -304,7 +314,7 @@ def load_model_class(spec):
             hint = f"did you mean {', '.join(close)}?" if close else f"known models: {', '.join(zoo)}"
             raise UserError(f"unknown model {spec!r}; {hint} (or give path/to/file.py:ClassName)")
 
-    target, _, class_name = spec.rpartition(":") if ":" in spec else (spec, ":", "")
+    target, class_name = split_model_spec(spec)
     if target.endswith(".py") or "/" in target or "\\" in target:
         module = _module_from_file(target, Path(target).stem)
     else:
