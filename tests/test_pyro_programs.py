@@ -90,6 +90,13 @@ def normal_1d(seed=3, sizes=(100, 20, 30)):
     return _splits(rng.normal(1.5, 1.0, sum(sizes)).astype(np.float32), sizes)
 
 
+def normal_local_1d(seed=8, sizes=(60, 20, 20)):
+    """x_n = loc_n + noise with loc_n ~ N(0, 1) and unit noise: marginally N(0, 2)."""
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    return _splits((rng.normal(size=n) + rng.normal(size=n)).astype(np.float32), sizes)
+
+
 def toy_mixture_data(seed=4, sizes=(300, 50, 50)):
     """Rows (A, C) of examples/toy_mixture_model_discrete_enumeration.py's generating process."""
     rng = np.random.default_rng(seed)
@@ -304,6 +311,11 @@ def truth_normal_autonormal(lvm, x, num_samples=20000):
     return log_mean_exp_with_error(log_p, dim=1)
 
 
+def truth_normal_local(lvm, x):
+    """loc_n ~ N(0, 1), x_n | loc_n ~ N(loc_n, 1): p(x_n) = N(x_n; 0, 2), whatever the guide."""
+    return dist.Normal(0.0, math.sqrt(2.0)).log_prob(x.double()), None
+
+
 def toy_mixture_log_prob(x, a, b, c):
     """p(A, C) under independent Beta guides: E[p_A]^A (1 - E[p_A])^(1 - A) sum_B E[p_B|A] E[p_C|B]."""
     mean = lambda beta: beta[..., 0] / beta.sum(-1)  # noqa: E731 -- E of Beta(alpha, beta)
@@ -432,6 +444,7 @@ class Case:
     floor: object = None              # splits -> a test log p(x) the fitted model must exceed
     refused_fits: tuple = ()          # objectives that must be refused at fit time
     refusal_hint: str = ""            # a word the refusals of evaluate must contain
+    train_split: tuple = ()           # estimators that may work on the training split (else be refused)
     fresh_process: str = None         # an estimator to rerun in a fresh process (checkpoint restore)
     needs_mnist: bool = False
 
@@ -475,6 +488,8 @@ CASES = [
          diagnose=EITHER, floor=ppca_floor),
     Case("normal_autonormal.py", normal_1d, train(100), ("is", "elbo"), either=("iwae", "ais"), refused=("exact",),
          truth=truth_normal_autonormal, predictive=True, diagnose=EITHER),
+    Case("normal_local_autonormal.py", normal_local_1d, train(100, 0.05, "--batch-size", "60"), refused=CONTINUOUS,
+         truth=truth_normal_local, diagnose=EITHER, refusal_hint="amortiz", train_split=("is", "elbo")),
     Case("toy_mixture_enum.py", toy_mixture_data, train(), ("is", "elbo"), either=("iwae", "ais"), refused=("exact",),
          truth=truth_toy_mixture, changed={"b": [[10.0, 1.0], [1.0, 10.0]]}, predictive=True, diagnose=EITHER),
     Case("hmm_vectorized.py", hmm_sequences, train(), ENUMERATED, either=("ais",), truth=truth_hmm,
@@ -542,8 +557,9 @@ def _check_estimate(name, record, truth, truth_se, problems, two_sided, elbo=Non
     if abs(record.get("nll", math.nan) + log_px) > 1e-9:
         problems.append(f"{name}: nll {record.get('nll')} is not -log_px {log_px}")
     tol = Z_SIGMA * math.hypot(mc, truth_se) + FLOAT_TOL
+    estimator = name.split()[0]
     text = f"{name}: log_px {log_px:.4f} (mc_stderr {mc:.2g}) vs independent {truth:.4f} (+- {truth_se:.2g})"
-    if name == "exact":
+    if estimator == "exact":
         if abs(log_px - truth) > FLOAT_TOL + Z_SIGMA * truth_se:
             problems.append(text + " differ")
         return
@@ -551,7 +567,7 @@ def _check_estimate(name, record, truth, truth_se, problems, two_sided, elbo=Non
         problems.append(text + f": above the true log p(x) by more than {tol:.3g}")
     if name in two_sided and log_px < truth - tol:
         problems.append(text + f": below it by more than {tol:.3g}")
-    if name in ("iwae", "is") and elbo is not None:
+    if estimator in ("iwae", "is") and elbo is not None:
         floor = elbo["log_px"] - Z_SIGMA * math.hypot(mc, elbo.get("mc_stderr") or 0.0) - FLOAT_TOL
         if log_px < floor:
             problems.append(text + f": below the ELBO {elbo['log_px']:.4f}")
@@ -626,8 +642,9 @@ def _check_restored(case, run, x_test, lvm, problems):
                             f"or not saved")
 
 
-def _evaluate_all(case, run, x_test, truth, truth_se, capsys, problems):
+def _evaluate_all(case, run, lvm, splits, truth, truth_se, capsys, problems):
     """``evaluate --json`` with every estimator of the case; returns the records of those that ran."""
+    x_test, x_train = splits["test"], splits["train"]
     records = {}
     for name in ("elbo", "iwae", "is", "exact", "ais"):
         if name not in case.works + case.either + case.refused:
@@ -657,6 +674,19 @@ def _evaluate_all(case, run, x_test, truth, truth_se, capsys, problems):
         if truth is not None:
             _check_estimate(name, record, truth[name], truth_se[name], problems, case.two_sided,
                             elbo=records.get("elbo"))
+    for name in case.train_split:
+        # An AutoGuide over local latents has a q for each training point: estimates there may work.
+        code, out, err = _command(capsys, "evaluate", run, "--split", "train", "--estimator", name, "--json",
+                                  "--samples", DEFAULT_SAMPLES[name], "--device", "cpu")
+        if code != 0:
+            if not _one_line_refusal(code, err):
+                problems.append(f"evaluate --split train {name}: expected a number or a refusal (exit 2, one "
+                                f"line), got exit {code}: {err[-800:]}")
+            continue
+        record = one_json(out)
+        on_train = float(case.truth(lvm, x_train)[0].mean())
+        _check_estimate(f"{name} on the training split", record, on_train, 0.0, problems,
+                        tuple(f"{n} on the training split" for n in case.two_sided))
     if case.fresh_process and case.fresh_process in records:
         # A real process starts with an empty parameter store: everything must come from the checkpoint.
         done = cli_process("evaluate", run, "--estimator", case.fresh_process, "--json", "--device", "cpu")
@@ -747,7 +777,7 @@ def test_pyro_program(case, tmp_path, capsys, request):
             problems.append(f"the fitted model's test log p(x) {truth['exact']:.4f} (independent value) is below "
                             f"{case.floor(splits):.4f}: the fit did not learn what it should have")
     _check_restored(case, run, x_test, lvm, problems)
-    records = _evaluate_all(case, run, x_test, truth, truth_se, capsys, problems)
+    records = _evaluate_all(case, run, lvm, splits, truth, truth_se, capsys, problems)
     _check_sample(run, capsys, problems)
     _check_diagnose_and_report(case, run, lvm, x_test, records, tmp_path, capsys, problems)
     assert not problems, f"{case.name}:\n  " + "\n  ".join(problems)
