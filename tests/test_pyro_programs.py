@@ -9,15 +9,22 @@ harness then goes through the command line as a user would (``fit``, ``evaluate 
 estimator, ``sample``, ``diagnose --json``, ``report``) and compares every number that has an
 independent value with it:
 
-- ``exact`` equals it (float rounding); ``is`` and ``ais`` agree with it within 4 Monte Carlo standard
-  errors (``mc_stderr`` of the JSON, combined with the truth's own where the truth is Monte Carlo);
-  ``elbo`` and ``iwae`` lie below it (within the same error), and ``iwae`` above ``elbo``;
+- ``exact`` equals it (float rounding). ``elbo``, ``iwae``, ``is`` and ``ais`` are stochastic lower
+  bounds: none may exceed it by more than 4 Monte Carlo standard errors (``mc_stderr`` of the JSON,
+  combined with the truth's own where the truth is Monte Carlo), ``iwae`` and ``is`` may not fall
+  below the ELBO, and ``is`` must also agree with it from below where its bias is bounded by its
+  standard error (a guide family that holds the posterior, nothing continuous to sample, or a
+  one-dimensional latent per layer that the guide covers: not the 2-D MNIST VAE, nor ProdLDA);
 - ``diagnose``'s ELBO agrees with ``evaluate --estimator elbo``, its rate with a Monte Carlo rate
   E_x E_q[log q(z|x) - log p(z)] computed here from the traces, and ``report`` with ``diagnose``;
-- a fitted ``pyro.param`` value differs from its initial value once the run is loaded again into an
-  empty parameter store (the silent bug of the issue: values neither optimized nor saved);
-- what must be refused exits with status 2 and one line (never 1, never a traceback), a refused
-  ``fit`` leaves no run directory; "either" means the issue's rule: a correct number or such a refusal.
+- loading the run twice, under two seeds, gives the same parameters (everything is restored from the
+  run directory, ``pyro.param`` and AutoGuides included); a ``pyro.param`` or ``AutoDelta`` value with a
+  known start has moved from it (the silent bug of the issue: values neither optimized nor saved); a
+  fresh process gets the same number; linear-Gaussian fits reach at least halfway from the best
+  diagonal Gaussian to the PPCA maximum likelihood;
+- what must be refused exits with status 2 and one ``error:`` line (never 1, never a traceback), and a
+  refused ``fit`` leaves no run directory; "either" is the issue's rule: a correct number, or such a
+  refusal.
 
 Problems are collected per program and reported together, so that one run shows everything that is
 wrong with a program. The independent values are themselves checked against direct computations at
@@ -542,10 +549,12 @@ def _check_estimate(name, record, truth, truth_se, problems, two_sided, elbo=Non
     ``exact`` must equal it. ``elbo``, ``iwae``, ``is`` and ``ais`` are stochastic lower bounds of it
     (Jensen; Burda et al. 2015, theorem 1; Neal 2001 for AIS), so each must not exceed it by more than
     4 combined standard errors; ``iwae`` and ``is`` must not fall below the ELBO (the K-sample bound
-    grows with K from K = 1, the ELBO). Where the case says the estimator is accurate (``two_sided``:
-    a guide family that holds the posterior, or nothing continuous to sample), it must also agree
-    with it within 4 standard errors: elsewhere the downward bias of a finite K (a posterior mode the
-    guide misses, an annealing schedule too short for CI) is not bounded by the standard error.
+    grows with K from K = 1, the ELBO). Where the case says the estimator is accurate (``two_sided``),
+    it must also agree with it within 4 standard errors. Elsewhere the downward bias of a finite K is
+    not bounded by the standard error: measured here, importance sampling with K = 2000 from the 2-D
+    MNIST VAE tutorial's guide missed a posterior mode of one test point by 45 nats. AIS is checked
+    from above only: the bias of a CI-sized annealing schedule is systematic, not part of its
+    ``mc_stderr``.
     """
     log_px, mc = record.get("log_px"), record.get("mc_stderr")
     if log_px is None or not math.isfinite(log_px):
