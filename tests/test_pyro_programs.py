@@ -9,15 +9,22 @@ harness then goes through the command line as a user would (``fit``, ``evaluate 
 estimator, ``sample``, ``diagnose --json``, ``report``) and compares every number that has an
 independent value with it:
 
-- ``exact`` equals it (float rounding); ``is`` and ``ais`` agree with it within 4 Monte Carlo standard
-  errors (``mc_stderr`` of the JSON, combined with the truth's own where the truth is Monte Carlo);
-  ``elbo`` and ``iwae`` lie below it (within the same error), and ``iwae`` above ``elbo``;
+- ``exact`` equals it (float rounding). ``elbo``, ``iwae``, ``is`` and ``ais`` are stochastic lower
+  bounds: none may exceed it by more than 4 Monte Carlo standard errors (``mc_stderr`` of the JSON,
+  combined with the truth's own where the truth is Monte Carlo), ``iwae`` and ``is`` may not fall
+  below the ELBO, and ``is`` must also agree with it from below where its bias is bounded by its
+  standard error (a guide family that holds the posterior, nothing continuous to sample, or a
+  one-dimensional latent per layer that the guide covers: not the 2-D MNIST VAE, nor ProdLDA);
 - ``diagnose``'s ELBO agrees with ``evaluate --estimator elbo``, its rate with a Monte Carlo rate
   E_x E_q[log q(z|x) - log p(z)] computed here from the traces, and ``report`` with ``diagnose``;
-- a fitted ``pyro.param`` value differs from its initial value once the run is loaded again into an
-  empty parameter store (the silent bug of the issue: values neither optimized nor saved);
-- what must be refused exits with status 2 and one line (never 1, never a traceback), a refused
-  ``fit`` leaves no run directory; "either" means the issue's rule: a correct number or such a refusal.
+- loading the run twice, under two seeds, gives the same parameters (everything is restored from the
+  run directory, ``pyro.param`` and AutoGuides included); a ``pyro.param`` or ``AutoDelta`` value with a
+  known start has moved from it (the silent bug of the issue: values neither optimized nor saved); a
+  fresh process gets the same number; linear-Gaussian fits reach at least halfway from the best
+  diagonal Gaussian to the PPCA maximum likelihood;
+- what must be refused exits with status 2 and one ``error:`` line (never 1, never a traceback), and a
+  refused ``fit`` leaves no run directory; "either" is the issue's rule: a correct number, or such a
+  refusal.
 
 Problems are collected per program and reported together, so that one run shows everything that is
 wrong with a program. The independent values are themselves checked against direct computations at
@@ -28,6 +35,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +95,13 @@ def linear_gaussian(seed=2, sizes=(300, 50, 50)):
 def normal_1d(seed=3, sizes=(100, 20, 30)):
     rng = np.random.default_rng(seed)
     return _splits(rng.normal(1.5, 1.0, sum(sizes)).astype(np.float32), sizes)
+
+
+def normal_local_1d(seed=8, sizes=(60, 20, 20)):
+    """x_n = loc_n + noise with loc_n ~ N(0, 1) and unit noise: marginally N(0, 2)."""
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    return _splits((rng.normal(size=n) + rng.normal(size=n)).astype(np.float32), sizes)
 
 
 def toy_mixture_data(seed=4, sizes=(300, 50, 50)):
@@ -303,6 +318,11 @@ def truth_normal_autonormal(lvm, x, num_samples=20000):
     return log_mean_exp_with_error(log_p, dim=1)
 
 
+def truth_normal_local(lvm, x):
+    """loc_n ~ N(0, 1), x_n | loc_n ~ N(loc_n, 1): p(x_n) = N(x_n; 0, 2), whatever the guide."""
+    return dist.Normal(0.0, math.sqrt(2.0)).log_prob(x.double()), None
+
+
 def toy_mixture_log_prob(x, a, b, c):
     """p(A, C) under independent Beta guides: E[p_A]^A (1 - E[p_A])^(1 - A) sum_B E[p_B|A] E[p_C|B]."""
     mean = lambda beta: beta[..., 0] / beta.sum(-1)  # noqa: E731 -- E of Beta(alpha, beta)
@@ -424,12 +444,14 @@ class Case:
     truth: object = None              # (lvm, x_test) -> (log p per point, its MC error or None)
     samples: dict = dataclasses.field(default_factory=dict)  # estimator -> K, beyond DEFAULT_SAMPLES
     two_sided: tuple = ("is",)        # estimators that must also not fall below the truth (see _check_estimate)
-    changed: dict = dataclasses.field(default_factory=dict)  # pyro.param name -> its initial value
+    changed: dict = dataclasses.field(default_factory=dict)  # pyro.param or AutoDelta site -> initial value
     predictive: bool = False          # global latents: per-point values are held-out predictive ones
     diagnose: str = "works"           # works | either (no local latent the guide samples)
     rate: bool = False                # check diagnose's rate against a Monte Carlo rate
     floor: object = None              # splits -> a test log p(x) the fitted model must exceed
     refused_fits: tuple = ()          # objectives that must be refused at fit time
+    refusal_hint: str = ""            # a word the refusals of evaluate must contain
+    train_split: tuple = ()           # estimators that may work on the training split (else be refused)
     fresh_process: str = None         # an estimator to rerun in a fresh process (checkpoint restore)
     needs_mnist: bool = False
 
@@ -456,25 +478,26 @@ CASES = [
     Case("ss_vae_m2.py:SSVAE", binary_digits, hp(input_size=64, z_dim=1, hidden_layers=16) + train(30, 0.01),
          CONTINUOUS, refused=("exact",), truth=truth_ss_vae),
     Case("gmm_tutorial.py", mixture_1d, train(30, 0.05, "--batch-size", "200"), ENUMERATED, either=("ais",),
-         truth=truth_gmm_tutorial, predictive=True, diagnose=EITHER, floor=gaussian_floor),
+         truth=truth_gmm_tutorial, changed={"weights": [0.5, 0.5], "scale": 1.0}, predictive=True, diagnose=EITHER),
     Case("mixture_params_only.py", mixture_1d, train(), ENUMERATED, either=("ais",), truth=truth_mixture_params,
-         changed={"weights": [0.5, 0.5], "scale": 0.5}, diagnose=EITHER, floor=gaussian_floor, fresh_process="exact"),
+         changed={"weights": [0.5, 0.5], "scale": 0.5}, diagnose=EITHER, fresh_process="exact"),
     Case("mixture_local_guide.py", mixture_1d, train(30, 0.05, "--batch-size", "200"),
-         either=("exact", "is", "elbo", "ais"), truth=truth_mixture_params, changed={"scale": 0.5}, diagnose=EITHER,
-         floor=gaussian_floor),
+         either=("exact", "is", "elbo", "ais"), truth=truth_mixture_params, changed={"scale": 0.5}, diagnose=EITHER),
     Case("mixture_mixed_params.py:GaussianMixture", mixture_2d, train(), ENUMERATED, either=("ais",),
          truth=truth_mixture_mixed, changed={"weights": [1 / 3] * 3, "scale": [1.0, 1.0]}, diagnose=EITHER,
-         floor=gaussian_floor, fresh_process="exact"),
+         fresh_process="exact"),
     Case("factor_analysis_functions.py", linear_gaussian, train(), CONTINUOUS, refused=("exact",),
          truth=truth_factor_analysis, changed={"psi": [1.0] * 3}, rate=True, floor=ppca_floor),
     Case("ppca_nn_module.py:PPCA", linear_gaussian, hp(data_dim=3) + train(), CONTINUOUS, refused=("exact",),
          truth=truth_ppca_nn_module, changed={"sigma": 1.0}, rate=True, floor=ppca_floor),
     Case("bayesian_ppca.py:BayesianPPCA", linear_gaussian, hp(data_dim=3) + train(), ("is", "elbo", "iwae"),
-         either=("ais", "exact"), truth=truth_bayesian_ppca, samples={"is": 2000}, predictive=True, diagnose=EITHER,
-         floor=ppca_floor),
-    Case("normal_autonormal.py", normal_1d, train(100), ("is", "elbo"), either=("iwae", "exact", "ais"),
+         either=("ais",), refused=("exact",), truth=truth_bayesian_ppca, samples={"is": 2000}, predictive=True,
+         diagnose=EITHER, floor=ppca_floor),
+    Case("normal_autonormal.py", normal_1d, train(100), ("is", "elbo"), either=("iwae", "ais"), refused=("exact",),
          truth=truth_normal_autonormal, predictive=True, diagnose=EITHER),
-    Case("toy_mixture_enum.py", toy_mixture_data, train(), ("exact", "is", "elbo"), either=("iwae", "ais"),
+    Case("normal_local_autonormal.py", normal_local_1d, train(100, 0.05, "--batch-size", "60"), refused=CONTINUOUS,
+         truth=truth_normal_local, diagnose=EITHER, refusal_hint="amortiz", train_split=("is", "elbo")),
+    Case("toy_mixture_enum.py", toy_mixture_data, train(), ("is", "elbo"), either=("iwae", "ais"), refused=("exact",),
          truth=truth_toy_mixture, changed={"b": [[10.0, 1.0], [1.0, 10.0]]}, predictive=True, diagnose=EITHER),
     Case("hmm_vectorized.py", hmm_sequences, train(), ENUMERATED, either=("ais",), truth=truth_hmm,
          predictive=True, diagnose=EITHER),
@@ -485,7 +508,7 @@ CASES = [
          rate=True, refused_fits=("meanfield", "iwae-dreg")),
     Case("sparse_gamma_def.py:SparseGammaDEF", lambda: counts(sizes=(80, 20, 20)),
          hp(top_width=3, mid_width=2, bottom_width=2, image_size=12) + train(20, 0.01, "--batch-size", "80"),
-         refused=CONTINUOUS, diagnose=EITHER),
+         refused=CONTINUOUS, diagnose=EITHER, refusal_hint="amortiz"),
     Case("ppca_subsample.py:SubsampledPPCA", linear_gaussian, hp(data_dim=3, subsample_size=32) + train(),
          CONTINUOUS, refused=("exact",), truth=truth_ppca_subsample, floor=ppca_floor),
     Case("fa_nested_plates.py:NestedPlateFA", linear_gaussian, hp(data_dim=3) + train(), CONTINUOUS,
@@ -526,10 +549,12 @@ def _check_estimate(name, record, truth, truth_se, problems, two_sided, elbo=Non
     ``exact`` must equal it. ``elbo``, ``iwae``, ``is`` and ``ais`` are stochastic lower bounds of it
     (Jensen; Burda et al. 2015, theorem 1; Neal 2001 for AIS), so each must not exceed it by more than
     4 combined standard errors; ``iwae`` and ``is`` must not fall below the ELBO (the K-sample bound
-    grows with K from K = 1, the ELBO). Where the case says the estimator is accurate (``two_sided``:
-    a guide family that holds the posterior, or nothing continuous to sample), it must also agree
-    with it within 4 standard errors: elsewhere the downward bias of a finite K (a posterior mode the
-    guide misses, an annealing schedule too short for CI) is not bounded by the standard error.
+    grows with K from K = 1, the ELBO). Where the case says the estimator is accurate (``two_sided``),
+    it must also agree with it within 4 standard errors. Elsewhere the downward bias of a finite K is
+    not bounded by the standard error: measured here, importance sampling with K = 2000 from the 2-D
+    MNIST VAE tutorial's guide missed a posterior mode of one test point by 45 nats. AIS is checked
+    from above only: the bias of a CI-sized annealing schedule is systematic, not part of its
+    ``mc_stderr``.
     """
     log_px, mc = record.get("log_px"), record.get("mc_stderr")
     if log_px is None or not math.isfinite(log_px):
@@ -541,8 +566,9 @@ def _check_estimate(name, record, truth, truth_se, problems, two_sided, elbo=Non
     if abs(record.get("nll", math.nan) + log_px) > 1e-9:
         problems.append(f"{name}: nll {record.get('nll')} is not -log_px {log_px}")
     tol = Z_SIGMA * math.hypot(mc, truth_se) + FLOAT_TOL
+    estimator = name.split()[0]
     text = f"{name}: log_px {log_px:.4f} (mc_stderr {mc:.2g}) vs independent {truth:.4f} (+- {truth_se:.2g})"
-    if name == "exact":
+    if estimator == "exact":
         if abs(log_px - truth) > FLOAT_TOL + Z_SIGMA * truth_se:
             problems.append(text + " differ")
         return
@@ -550,7 +576,7 @@ def _check_estimate(name, record, truth, truth_se, problems, two_sided, elbo=Non
         problems.append(text + f": above the true log p(x) by more than {tol:.3g}")
     if name in two_sided and log_px < truth - tol:
         problems.append(text + f": below it by more than {tol:.3g}")
-    if name in ("iwae", "is") and elbo is not None:
+    if estimator in ("iwae", "is") and elbo is not None:
         floor = elbo["log_px"] - Z_SIGMA * math.hypot(mc, elbo.get("mc_stderr") or 0.0) - FLOAT_TOL
         if log_px < floor:
             problems.append(text + f": below the ELBO {elbo['log_px']:.4f}")
@@ -594,58 +620,40 @@ def _mc_rate(lvm, x, num_samples=200):
     return float(draws.mean()), float(draws.var(0).mean().sqrt() / math.sqrt(len(x)))
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_pyro_program(case, tmp_path, capsys, request):
-    shared = request.getfixturevalue("shared_data") if case.needs_mnist else None
-    data_path, splits = _write_data(case, tmp_path, shared)
-    run = tmp_path / "run"
-    model = f"{PROGRAMS / case.program}"
-    problems = []
-
+def _check_refused_fits(case, model, data_path, tmp_path, capsys, problems):
+    """Objectives the program cannot use: exit 2, one line naming an alternative, no run directory."""
     for objective in case.refused_fits:
         out = tmp_path / f"refused-{objective}"
         code, _, err = _command(capsys, "fit", model, "--data", data_path, *case.fit, "--objective", objective,
                                 "--epochs", "1", "--device", "cpu", "--quiet", "--out", out)
         if not _one_line_refusal(code, err):
             problems.append(f"fit --objective {objective}: expected exit 2 with one line, got {code}: {err[-500:]}")
+        elif not re.search(r"\b(elbo|iwae)\b", err.replace(objective, "")):
+            problems.append(f"fit --objective {objective}: the refusal names no alternative objective: {err.strip()}")
         if out.exists():
             problems.append(f"fit --objective {objective} was refused but left {out} behind")
 
-    code, _, err = _command(capsys, "fit", model, "--data", data_path, *case.fit, "--seed", "0", "--device", "cpu",
-                            "--quiet", "--out", run)
-    assert code == 0, f"fit exited {code}: {err[-2000:]}"
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    if not metrics or not all(math.isfinite(m["train_elbo"]) for m in metrics):
-        problems.append(f"metrics.jsonl has no finite train_elbo: {metrics[-1:]}")
 
-    x_test = splits["test"]
-    limits = {name: AIS_POINTS if name == "ais" else None for name in DEFAULT_SAMPLES}
+def _check_restored(case, run, x_test, lvm, problems):
+    """Everything comes back from the run directory, and pyro.param / AutoDelta values were optimized."""
     first, second = _loaded_state(run, x_test, seed=1), _loaded_state(run, x_test, seed=2)
     differing = sorted(name for name in set(first) | set(second)
                        if name not in first or name not in second or not torch.equal(first[name], second[name]))
     if differing:
         problems.append(f"loading the run twice gives different values of {differing}: they are not restored "
                         f"from the checkpoint")
-    pyro.clear_param_store()  # what load_run restores must come from the run directory alone
-    lvm = pyro_lvm.load_run(run, device="cpu").model
-    truth = truth_se = None
-    if case.truth is not None:
-        per_point, per_point_se = case.truth(lvm, x_test)
-        per_point_se = torch.zeros_like(per_point) if per_point_se is None else per_point_se
-        truth = {name: float(per_point[:limits[name]].mean()) for name in DEFAULT_SAMPLES}
-        if case.floor is not None and truth["exact"] < case.floor(splits):
-            problems.append(f"the fitted model's test log p(x) {truth['exact']:.4f} (independent value) is below "
-                            f"{case.floor(splits):.4f}: the fit did not learn what it should have")
-        truth_se = {name: float(per_point_se[:limits[name]].pow(2).sum().sqrt() / len(per_point[:limits[name]]))
-                    for name in DEFAULT_SAMPLES}
-    if case.changed:
-        fitted = trace_values(lvm, x_test, "param")
-        for name, initial in case.changed.items():
-            if name not in fitted:
-                problems.append(f"pyro.param {name!r} is not in the loaded program's traces")
-            elif torch.allclose(fitted[name].double(), torch.tensor(initial, dtype=torch.float64), atol=1e-3):
-                problems.append(f"pyro.param {name!r} is still at its initial value {initial} after fit and reload")
+    fitted = {**trace_values(lvm, x_test, "sample"), **trace_values(lvm, x_test, "param")} if case.changed else {}
+    for name, initial in case.changed.items():
+        if name not in fitted:
+            problems.append(f"{name!r} is not in the loaded program's traces")
+        elif torch.allclose(fitted[name].double(), torch.tensor(initial, dtype=torch.float64), atol=1e-3):
+            problems.append(f"{name!r} is still at its initial value {initial} after fit and reload: not optimized "
+                            f"or not saved")
 
+
+def _evaluate_all(case, run, lvm, splits, truth, truth_se, capsys, problems):
+    """``evaluate --json`` with every estimator of the case; returns the records of those that ran."""
+    x_test, x_train = splits["test"], splits["train"]
     records = {}
     for name in ("elbo", "iwae", "is", "exact", "ais"):
         if name not in case.works + case.either + case.refused:
@@ -659,12 +667,14 @@ def test_pyro_program(case, tmp_path, capsys, request):
                 expected = "a refusal" if name in case.refused else "a number or a refusal"
                 problems.append(f"evaluate {name}: expected {expected} (exit 2, one line), got exit {code}: "
                                 f"{err[-800:]}")
+            elif case.refusal_hint and case.refusal_hint not in err.lower():
+                problems.append(f"evaluate {name}: the refusal should say {case.refusal_hint!r}: {err.strip()}")
             continue
         if code != 0:
             problems.append(f"evaluate {name}: exit {code}: {err[-800:]}")
             continue
         record = records[name] = one_json(out)
-        expected_points = len(x_test[:limits[name]])
+        expected_points = len(x_test[:AIS_POINTS if name == "ais" else None])
         if record.get("num_points") != expected_points:
             problems.append(f"evaluate {name}: num_points {record.get('num_points')}, expected {expected_points}")
         if case.predictive and "predictive" not in json.dumps(record).lower():
@@ -673,7 +683,19 @@ def test_pyro_program(case, tmp_path, capsys, request):
         if truth is not None:
             _check_estimate(name, record, truth[name], truth_se[name], problems, case.two_sided,
                             elbo=records.get("elbo"))
-
+    for name in case.train_split:
+        # An AutoGuide over local latents has a q for each training point: estimates there may work.
+        code, out, err = _command(capsys, "evaluate", run, "--split", "train", "--estimator", name, "--json",
+                                  "--samples", DEFAULT_SAMPLES[name], "--device", "cpu")
+        if code != 0:
+            if not _one_line_refusal(code, err):
+                problems.append(f"evaluate --split train {name}: expected a number or a refusal (exit 2, one "
+                                f"line), got exit {code}: {err[-800:]}")
+            continue
+        record = one_json(out)
+        on_train = float(case.truth(lvm, x_train)[0].mean())
+        _check_estimate(f"{name} on the training split", record, on_train, 0.0, problems,
+                        tuple(f"{n} on the training split" for n in case.two_sided))
     if case.fresh_process and case.fresh_process in records:
         # A real process starts with an empty parameter store: everything must come from the checkpoint.
         done = cli_process("evaluate", run, "--estimator", case.fresh_process, "--json", "--device", "cpu")
@@ -683,22 +705,26 @@ def test_pyro_program(case, tmp_path, capsys, request):
         elif abs(one_json(done.stdout)["log_px"] - records[case.fresh_process]["log_px"]) > FLOAT_TOL:
             problems.append(f"evaluate {case.fresh_process} in a fresh process: {one_json(done.stdout)['log_px']} vs "
                             f"{records[case.fresh_process]['log_px']} in this one")
+    return records
 
-    is_image = splits["train"].dim() == 4
-    sample_out = tmp_path / ("samples.png" if is_image else "samples.csv")
-    code, _, err = _command(capsys, "sample", run, "-n", "16", "--out", sample_out, "--device", "cpu")
-    if code != 0 or not sample_out.is_file():
-        problems.append(f"sample: exit {code}: {err[-800:]}")
-    elif not is_image:
-        rows = [line for line in sample_out.read_text().splitlines()[1:] if line.strip()]
+
+def _check_sample(run, capsys, problems):
+    """The toolkit picks the format (a picture for images, CSV for vectors); -n points must come out."""
+    code, _, err = _command(capsys, "sample", run, "-n", "16", "--device", "cpu")
+    written = sorted(run.glob("samples.*"))
+    if code != 0 or len(written) != 1:
+        problems.append(f"sample: exit {code}, wrote {[p.name for p in written]}: {err[-800:]}")
+    elif written[0].suffix == ".csv":
+        rows = [line for line in written[0].read_text().splitlines()[1:] if line.strip()]
         if len(rows) != 16:
             problems.append(f"sample -n 16 wrote {len(rows)} rows")
 
+
+def _check_diagnose_and_report(case, run, lvm, x_test, records, tmp_path, capsys, problems):
+    """diagnose's ELBO agrees with evaluate's, its rate with the traces' Monte Carlo rate, report with diagnose."""
     code, out, err = _command(capsys, "diagnose", run, "--json", "--device", "cpu")
-    diagnosis = None
-    if code == 0:
-        diagnosis = one_json(out)
-    elif case.diagnose == "works" or not _one_line_refusal(code, err):
+    diagnosis = one_json(out) if code == 0 else None
+    if code != 0 and (case.diagnose == "works" or not _one_line_refusal(code, err)):
         problems.append(f"diagnose: exit {code}: {err[-800:]}")
     if diagnosis is not None and "elbo" in records and diagnosis.get("elbo") is not None:
         mc = records["elbo"].get("mc_stderr") or 0.0
@@ -717,19 +743,52 @@ def test_pyro_program(case, tmp_path, capsys, request):
 
     report_dir = tmp_path / "report"
     code, _, err = _command(capsys, "report", run, "--out", report_dir, "--device", "cpu")
-    if code == 0:
-        if not (report_dir / "index.html").is_file():
-            problems.append("report: exit 0 but no index.html")
-        shown = report_dir / "diagnostics.json"
-        shown = json.loads(shown.read_text()) if shown.is_file() else {}
-        if rate_sigma is not None and shown.get("rate") is not None:
-            tol = Z_SIGMA * rate_sigma * math.sqrt(2 / 16) + FLOAT_TOL
-            if abs(shown["rate"] - diagnosis["rate"]) > tol:
-                problems.append(f"report rate {shown['rate']} vs diagnose rate {diagnosis['rate']} "
-                                f"(tolerance {tol:.3g})")
-    elif case.diagnose == "works" or not _one_line_refusal(code, err):
-        problems.append(f"report: exit {code}: {err[-800:]}")
+    if code != 0:
+        if case.diagnose == "works" or not _one_line_refusal(code, err):
+            problems.append(f"report: exit {code}: {err[-800:]}")
+        return
+    if not (report_dir / "index.html").is_file():
+        problems.append("report: exit 0 but no index.html")
+    shown = report_dir / "diagnostics.json"
+    shown = json.loads(shown.read_text()) if shown.is_file() else {}
+    if rate_sigma is not None and shown.get("rate") is not None:
+        tol = Z_SIGMA * rate_sigma * math.sqrt(2 / 16) + FLOAT_TOL
+        if abs(shown["rate"] - diagnosis["rate"]) > tol:
+            problems.append(f"report rate {shown['rate']} vs diagnose rate {diagnosis['rate']} (tolerance {tol:.3g})")
 
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_pyro_program(case, tmp_path, capsys, request):
+    """One program through the command line: fit, evaluate (every estimator), sample, diagnose, report."""
+    shared = request.getfixturevalue("shared_data") if case.needs_mnist else None
+    data_path, splits = _write_data(case, tmp_path, shared)
+    run, model, problems = tmp_path / "run", str(PROGRAMS / case.program), []
+
+    _check_refused_fits(case, model, data_path, tmp_path, capsys, problems)
+    code, _, err = _command(capsys, "fit", model, "--data", data_path, *case.fit, "--seed", "0", "--device", "cpu",
+                            "--quiet", "--out", run)
+    assert code == 0, f"{case.name}: fit exited {code}: {err[-2000:]}"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not metrics or not all(math.isfinite(m["train_elbo"]) for m in metrics):
+        problems.append(f"metrics.jsonl has no finite train_elbo: {metrics[-1:]}")
+
+    x_test = splits["test"]
+    pyro.clear_param_store()  # what load_run restores must come from the run directory alone
+    lvm = pyro_lvm.load_run(run, device="cpu").model
+    truth = truth_se = None
+    if case.truth is not None:
+        per_point, per_point_se = case.truth(lvm, x_test)
+        per_point_se = torch.zeros_like(per_point) if per_point_se is None else per_point_se
+        points = {name: AIS_POINTS if name == "ais" else len(per_point) for name in DEFAULT_SAMPLES}
+        truth = {name: float(per_point[:n].mean()) for name, n in points.items()}
+        truth_se = {name: float(per_point_se[:n].pow(2).sum().sqrt() / n) for name, n in points.items()}
+        if case.floor is not None and truth["exact"] < case.floor(splits):
+            problems.append(f"the fitted model's test log p(x) {truth['exact']:.4f} (independent value) is below "
+                            f"{case.floor(splits):.4f}: the fit did not learn what it should have")
+    _check_restored(case, run, x_test, lvm, problems)
+    records = _evaluate_all(case, run, lvm, splits, truth, truth_se, capsys, problems)
+    _check_sample(run, capsys, problems)
+    _check_diagnose_and_report(case, run, lvm, x_test, records, tmp_path, capsys, problems)
     assert not problems, f"{case.name}:\n  " + "\n  ".join(problems)
 
 
