@@ -521,7 +521,11 @@ def annealed_importance_log_marginal(
         weights.append(log_weight)
         per_point.append(_log_mean_exp(log_weight))
     log_weight = torch.cat(weights, dim=-1)
+    # Monte Carlo error of log mean_c w_c per point, by the delta method, on the mean over points.
+    relative = ((2 * log_weight).logsumexp(0) - 2 * log_weight.logsumexp(0) + math.log(log_weight.shape[0])).exp() - 1
+    variance = relative.clamp_min(0.0).nan_to_num(0.0) / max(log_weight.shape[0] - 1, 1)
     extras = {
+        "mc_stderr": float(variance.double().sum().sqrt() / log_weight.shape[1]),
         "num_chains": num_chains,
         "num_steps": len(betas) - 1,
         "acceptance_rate": sum(s["acceptance_rate"] for s in all_stats) / len(all_stats),
@@ -537,6 +541,7 @@ def _exact_extras(num_chains):
     # With every latent enumerated there is nothing to anneal: log p(x) is exact and every
     # "chain" would carry the same weight.
     return {
+        "mc_stderr": 0.0,
         "num_chains": num_chains,
         "num_steps": 0,
         "acceptance_rate": 1.0,

@@ -248,6 +248,7 @@ class _Accumulator:
         self.lse = torch.full((batch,), -math.inf, device=device, dtype=torch.float64)
         self.lse2 = self.lse.clone()
         self.total = torch.zeros(batch, device=device, dtype=torch.float64)
+        self.total2 = torch.zeros(batch, device=device, dtype=torch.float64)
         self.keep = keep
         self.kept = []
         self.num_kept = 0
@@ -256,7 +257,9 @@ class _Accumulator:
         lw = log_weights.double()
         self.lse = torch.logaddexp(self.lse, torch.logsumexp(lw, 0))
         self.lse2 = torch.logaddexp(self.lse2, torch.logsumexp(2 * lw, 0))
-        self.total += (lw if elbo is None else elbo.double()).sum(0)
+        terms = lw if elbo is None else elbo.double()
+        self.total += terms.sum(0)
+        self.total2 += (terms * terms).sum(0)
         if self.num_kept < self.keep:
             piece = lw[: self.keep - self.num_kept].float().cpu()
             self.kept.append(piece)
@@ -276,7 +279,7 @@ def importance_sampling_log_marginal(model, guide, x, num_samples, batch_size, m
     """
     budget = max_memory_mb * 2 ** 20
     device = x.device
-    per_point, ess, khats = [], [], []
+    per_point, ess, khats, variances = [], [], [], []
     bytes_per_particle_point = None
     chunk = None
     guide_names = None
@@ -291,7 +294,7 @@ def importance_sampling_log_marginal(model, guide, x, num_samples, batch_size, m
             acc.add(*_sequential_chunk(model, guide, xb, num_samples, max_plate_nesting, seed, batch_index,
                                        data_plate))
             chunk_sizes.add(1)
-            _finish(acc, statistic, num_samples, valid, per_point, ess, khats)
+            _finish(acc, statistic, num_samples, valid, per_point, ess, khats, variances)
             continue
         blocks = _GuideBlocks(guide, xb, num_samples, max_plate_nesting, seed, batch_index, device, data_plate)
         if bytes_per_particle_point is not None:
@@ -341,10 +344,12 @@ def importance_sampling_log_marginal(model, guide, x, num_samples, batch_size, m
             acc.add(*log_weights)
             chunk_sizes.add(size)
             start += size
-        _finish(acc, statistic, num_samples, valid, per_point, ess, khats)
+        _finish(acc, statistic, num_samples, valid, per_point, ess, khats, variances)
     per_point = torch.cat(per_point)
     ess = torch.cat(ess)
-    extras = {"ess_mean": float(ess.mean()), "ess_min": float(ess.min()),
+    # The estimator's own error on the mean over points (the spread of the points apart).
+    mc_stderr = float(torch.cat(variances).sum().sqrt() / len(per_point))
+    extras = {"mc_stderr": mc_stderr, "ess_mean": float(ess.mean()), "ess_min": float(ess.min()),
               "max_chunk_particles": int(max(chunk_sizes))}
     if statistic == "is":
         khat = np.concatenate(khats)
@@ -357,13 +362,26 @@ def importance_sampling_log_marginal(model, guide, x, num_samples, batch_size, m
     return per_point, extras
 
 
-def _finish(acc, statistic, num_samples, valid, per_point, ess, khats):
+def estimator_variance(acc, statistic, num_samples):
+    """The Monte Carlo variance of each point's estimate, from the running sums: var(log w) / K for the
+    ELBO, and by the delta method (var(w) / (K E[w]^2)) for log mean_k w_k."""
+    k = num_samples
+    if statistic == "elbo":
+        mean = acc.total / k
+        return (acc.total2 / k - mean * mean).clamp_min(0.0) / max(k - 1, 1)
+    relative = (acc.lse2 - 2 * acc.lse + math.log(k)).exp() - 1.0  # E[w^2] / E[w]^2 - 1
+    return relative.clamp_min(0.0) / max(k - 1, 1)
+
+
+def _finish(acc, statistic, num_samples, valid, per_point, ess, khats, variances=None):
     """One batch's estimates, the padded points of a self-subsampling program's last batch dropped."""
     if statistic == "elbo":
         estimate = acc.total / num_samples
     else:
         estimate = acc.lse - math.log(num_samples)
     per_point.append(estimate.float()[:valid])
+    if variances is not None:
+        variances.append(estimator_variance(acc, statistic, num_samples)[:valid])
     ess.append(torch.exp(2 * acc.lse - acc.lse2).float()[:valid])
     if statistic == "is":
         khats.append(pareto_khat(torch.cat(acc.kept, 0)[:, :valid]))
