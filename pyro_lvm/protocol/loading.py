@@ -76,12 +76,21 @@ def _resolve(filename):
         return None
 
 
+# The frames through which pyro-lvm calls a user's program: an exception that reaches one of them
+# from library code only (a Pyro AutoGuide the program built, torch) was raised by the program.
+_PROGRAM_BOUNDARIES = {("program.py", "__call__"), ("program.py", "call"), ("loading.py", "model"),
+                       ("loading.py", "guide")}
+
+
 def user_frame(tb):
-    """The innermost frame of traceback ``tb`` that lies in a user's model file, if the exception
-    came from there: frames are read from the raise point outwards, library frames (torch, pyro,
-    the standard library) are skipped, and the first frame that is either a user file's or
-    pyro-lvm's own decides. Returns a :class:`traceback.FrameSummary` or None."""
-    for frame in reversed(traceback.extract_tb(tb)):
+    """The frame of traceback ``tb`` to blame on a user's program, if the exception came from there:
+    frames are read from the raise point outwards, library frames (torch, pyro, the standard library)
+    are skipped, and the first frame that is either a user file's or pyro-lvm's own decides. A
+    pyro-lvm frame that calls into the user's program (reached through library code only, as when an
+    ``AutoGuide`` the program built raises) blames the program too, at the innermost frame. Returns a
+    :class:`traceback.FrameSummary` or None."""
+    frames = list(reversed(traceback.extract_tb(tb)))
+    for frame in frames:
         path = _resolve(frame.filename)
         if path is None:
             continue
@@ -90,6 +99,8 @@ def user_frame(tb):
         if path in _MODEL_BUILDING_BLOCKS:
             continue
         if _PACKAGE_DIR in path.parents:
+            if path.parent == _PACKAGE_DIR / "protocol" and (path.name, frame.name) in _PROGRAM_BOUNDARIES:
+                return frames[0]
             return None
     return None
 

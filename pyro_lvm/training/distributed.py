@@ -35,6 +35,7 @@ estimates are gathered, so the sharded result equals the single-process one poin
 
 import contextlib
 import dataclasses
+import math
 import os
 
 import torch
@@ -184,6 +185,8 @@ def _combine_extras(extras, sizes):
         values = [e.get(key) for e in extras]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             combined[key] = values[0]
+        elif key == "mc_stderr":  # the error of a mean over all points, from those of the shards' means
+            combined[key] = math.sqrt(sum((v * n) ** 2 for v, n in zip(values, sizes))) / total if total else 0.0
         elif key.endswith("_max"):
             combined[key] = max(values)
         elif key.endswith("_min"):
