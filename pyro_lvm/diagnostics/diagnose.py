@@ -134,7 +134,7 @@ def diagnose_model(
         if not sites:
             raise UserError(
                 "diagnose needs a guide that samples local latents inside the data plate; this "
-                "model's guide samples none (enumerated latents are summed out, not diagnosed)"
+                "model's guide samples none (enumerated latents are summed out, global ones are not per point)"
             )
         vectorize = vectorizes(program, x)
         analytic = analytic_kl_is_exact(program, program.probe(x), sites)

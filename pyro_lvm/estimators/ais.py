@@ -492,6 +492,11 @@ def annealed_importance_log_marginal(
     betas = annealing_schedule(num_steps, schedule)
     num_chains = int(num_chains)
     program, info = _program(lvm, x)
+    drawn_globals = [s.name for s in info.global_latents if s.in_guide and not s.point_mass]
+    if drawn_globals:
+        raise UserError(f"{', '.join(map(repr, drawn_globals))} are global latents (outside the data plate); AIS "
+                        f"anneals the latents of each data point and cannot anneal a global one: use --estimator "
+                        f"is, which estimates the predictive log p(x_n | training data)")
     if not [s for s in info.latent_sites if s.local and not s.enumerated and not s.discrete]:
         # Nothing continuous to anneal (a mixture, an HMM): log p(x) is exact by enumeration.
         from .exact import exact_log_marginal
