@@ -346,7 +346,12 @@ def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_
         x = x[:int(limit)]
     if len(x) == 0:
         raise UserError(f"the {split} split of {run.config['data']['name']} is empty; choose another --split")
-    bdmc_points = int(estimator_options.pop("bdmc_points", 0) or 0)
+    bdmc_points = estimator_options.pop("bdmc_points", None)
+    if bdmc_points is not None:
+        check_count("--bdmc-points", bdmc_points, minimum=0)
+    bdmc_points = bdmc_points or 0
+    if "ais_steps" in estimator_options:
+        check_count("--ais-steps", estimator_options["ais_steps"])
     if estimator != "ais" and (estimator_options or bdmc_points):
         raise UserError(f"--ais-steps, --proposal and --bdmc-points apply to --estimator ais only (got {estimator})")
     started = time.perf_counter()

@@ -88,7 +88,7 @@ def _build_parser():
                           help="with --target-mc-error: at most N samples per point (default 64 times --samples)")
     evaluate.add_argument("--ais-steps", type=int, help="ais: annealing steps (default 200, sigmoid schedule)")
     evaluate.add_argument("--proposal", choices=["prior", "guide"], help="ais: start from the prior (default) or the guide")
-    evaluate.add_argument("--bdmc-points", type=int, default=0,
+    evaluate.add_argument("--bdmc-points", type=int,
                           help="ais: also run BDMC on N points simulated from the model (lower and upper bound)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", help="override the run's device (auto, cpu, cuda)")
@@ -178,8 +178,9 @@ def _cmd_fit(args):
 def _cmd_evaluate(args):
     from . import api
 
+    # Given options pass through as given (0 included, to be refused there), absent ones not at all.
     ais_options = {key: value for key, value in (("ais_steps", args.ais_steps), ("proposal", args.proposal),
-                                                 ("bdmc_points", args.bdmc_points)) if value}
+                                                 ("bdmc_points", args.bdmc_points)) if value is not None}
     # The bar goes to stderr, and only when that is a terminal; none when --json output is piped.
     progress = not (args.json and not sys.stdout.isatty())
     record = api.evaluate(args.run, split=args.split, estimator=args.estimator, samples=args.samples,
