@@ -183,12 +183,14 @@ def _sampling_estimate(lvm, x, key, num_samples, batch_size, max_memory_mb, seed
 
 
 def _ais_extras(result):
-    """AIS's extras over all rounds: chain-weighted means of the acceptance rate and step size."""
+    """AIS's extras over all rounds: the acceptance rate and step size averaged over every annealed
+    point and chain."""
     first = result.extras[0]
     extras = {"num_chains": first["num_chains"], "ais_steps": first["ais_steps"]}
-    weights = [e["num_chains"] for e in result.extras]
+    weights = [e["num_chains"] * e["annealed_points"] for e in result.extras]
     for key in ("acceptance_rate", "step_size_mean"):
-        extras[key] = sum(e[key] * w for e, w in zip(result.extras, weights)) / sum(weights)
+        extras[key] = (sum(e[key] * w for e, w in zip(result.extras, weights)) / sum(weights) if sum(weights)
+                       else first[key])
     extras["log_weight_ess"] = float(result.stats.effective_sample_size().mean())
     if any(e.get("exact_enumeration") for e in result.extras):
         extras["exact_enumeration"] = True

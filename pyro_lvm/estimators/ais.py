@@ -87,7 +87,7 @@ from torch.distributions.transforms import ComposeTransform, IndependentTransfor
 from pyro_lvm.errors import UserError
 
 from . import importance_sampling
-from .monte_carlo import WeightStatistics
+from .monte_carlo import WeightStatistics, stderr_of_mean
 from .progress import or_silent
 
 __all__ = ["AIS_OPTIONS", "annealed_importance_log_marginal", "annealing_schedule", "ais_statistics", "bdmc"]
@@ -624,8 +624,8 @@ def ais_statistics(lvm, batches, num_chains, seed, options, progress=None, use_t
     :param batches: ``[(batch_index, xb), ...]``; batch ``i`` runs from the seed ``block_seed(seed, i, 0)``.
     :param options: the keys of :data:`AIS_OPTIONS` (see :func:`check_ais_options`).
     :returns: ``(WeightStatistics over the points in order, extras)``, extras with ``num_chains,
-        ais_steps, acceptance_rate, step_size_mean`` (means over points) and ``exact_enumeration``
-        where every latent is enumerated.
+        ais_steps, acceptance_rate, step_size_mean`` (means over the annealed points),
+        ``annealed_points``, and ``exact_enumeration`` where every latent is enumerated.
     """
     options = check_ais_options(options)
     _check_options(num_chains, options["leapfrog_steps"], options["hmc_step_size"])
@@ -653,7 +653,7 @@ def ais_statistics(lvm, batches, num_chains, seed, options, progress=None, use_t
         points += xb.shape[0]
     extras = {"num_chains": num_chains, "ais_steps": 0 if exact and not points else len(betas) - 1,
               "acceptance_rate": acceptance / points if points else 1.0,
-              "step_size_mean": step_size / points if points else 0.0}
+              "step_size_mean": step_size / points if points else 0.0, "annealed_points": points}
     if exact:
         extras["exact_enumeration"] = True
     return WeightStatistics.cat(parts), extras
@@ -679,12 +679,11 @@ def annealed_importance_log_marginal(lvm, x, num_chains=16, ais_steps=200, propo
         a JSON-able dict with ``num_chains, ais_steps, acceptance_rate, step_size_mean,
         log_weight_ess, mc_stderr`` (the Monte Carlo standard error of the mean over points).
     """
-    from .monte_carlo import stderr_of_mean
-
     options = dict(ais_steps=ais_steps, proposal=proposal, schedule=schedule, hmc_step_size=hmc_step_size,
                    leapfrog_steps=leapfrog_steps, adapt_step_size=adapt_step_size)
     batches = list(enumerate(x.split(int(batch_size) if batch_size else max(1, x.shape[0]))))
     stats, extras = ais_statistics(lvm, batches, num_chains, seed, options, progress)
+    del extras["annealed_points"]
     extras["log_weight_ess"] = float(stats.effective_sample_size().mean())
     extras["mc_stderr"] = stderr_of_mean(stats.mc_variance("log_mean_exp"))
     return stats.estimate("log_mean_exp").to(stats.dtype), extras

@@ -41,7 +41,6 @@ same, the exact log p(x): one particle is computed instead of K (:func:`enumerat
 """
 
 import contextlib
-import math
 
 import numpy as np
 import pyro
