@@ -443,3 +443,20 @@ def test_ais_reported_mc_error_matches_the_spread_over_seeds_on_ppca():
         lambda seed: estimate_log_marginal(lvm, x, "ais", seed=seed, **options), range(30))
     assert_reported_error_matches_spread(estimates, errors, mean_errors)
     assert 0.02 < float(errors.mean()) < 0.5
+
+
+def test_target_mc_error_adds_chains_for_exactly_the_points_above_it():
+    from pyro_lvm.estimators import estimate_log_marginal
+
+    lvm = LinearGaussian()
+    x = _simulate(lvm, 24, seed=12)
+    options = dict(num_samples=4, ais_steps=3, leapfrog_steps=2, batch_size=10, seed=5)
+    plain = estimate_log_marginal(lvm, x, "ais", **options)
+    target = float(plain.per_point_mc_stderr.median())
+    refined = estimate_log_marginal(lvm, x, "ais", target_mc_error=target, max_samples=32, **options)
+    above = plain.per_point_mc_stderr > target
+    assert 0 < int(above.sum()) < len(x)
+    assert torch.equal(refined.per_point[~above], plain.per_point[~above])
+    assert bool((refined.samples_per_point[~above] == 4).all()) and bool((refined.samples_per_point[above] >= 8).all())
+    assert bool(((refined.per_point_mc_stderr <= target) | (refined.samples_per_point == 32)).all())
+    assert refined.extras["points_refined"] == int(above.sum()) and refined.extras["num_chains"] == 4

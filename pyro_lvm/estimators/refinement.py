@@ -73,8 +73,13 @@ def sample_with_target(sample, x, batch_size, num_samples, statistic, seed, targ
 
     cap = max_samples if max_samples is not None else DEFAULT_CAP_FACTOR * num_samples
     count, rounds, all_extras = num_samples, 1, [extras]
+
+    def above_target():
+        # The error as it is reported, in the model's dtype, decides; an undefined one (NaN) is above.
+        return ~(stats.mc_stderr(statistic).to(stats.dtype) <= target).cpu()
+
     while True:
-        above = ~(stats.mc_stderr(statistic) <= target).cpu()  # an undefined error (NaN) is above
+        above = above_target()
         if 2 * count > cap or not bool(above.any()):
             break
         selected, new_batches = [], []
@@ -97,7 +102,7 @@ def sample_with_target(sample, x, batch_size, num_samples, statistic, seed, targ
         all_extras.append(new_extras)
         count *= 2
         rounds += 1
-    above = ~(stats.mc_stderr(statistic) <= target).cpu()
+    above = above_target()
     return RefinementResult(stats, samples_per_point, rounds, khat, khat_samples, all_extras, int(above.sum()))
 
 
