@@ -11,7 +11,9 @@ of Wu et al. (2017) (x1.02 above an acceptance rate of 0.65, /1.02 below, within
   ``torch.autograd.grad`` for the gradient, the same leapfrog integrator and Metropolis step;
 - ``ours``: :func:`pyro_lvm.estimators.ais.annealed_importance_log_marginal`, which runs the
   model's own Pyro program for every density (the light recorder of ``ais.py``);
-- ``traced``: the same with ``use_traces=True``, a ``poutine.trace`` of the model per density.
+- ``traced``: the same with ``use_traces=True``, a ``poutine.trace`` of the model per density;
+- ``baseline`` (with ``--baseline-commit C``): ``pyro_lvm/estimators/ais.py`` as it was at git commit
+  C of this repository, loaded from ``git show`` (47eaac1 is the AIS before issue 14).
 
 The three are interleaved, ``--repeats`` times, so that noise from other processes falls on all
 alike; the table gives median wall-clock and CPU seconds, the ratios to ``hand``, and the estimates
@@ -19,7 +21,7 @@ alike; the table gives median wall-clock and CPU seconds, the ratios to ``hand``
 must agree. The first repeat is a warm-up and is not counted.
 
     python benchmarks/ais_vs_hand.py [--repeats 5] [--points 50] [--chains 16] [--steps 100]
-        [--leapfrog 10] [--train-steps 300] [--threads 1] [--device cpu|cuda] [--json]
+        [--leapfrog 10] [--train-steps 300] [--threads 1] [--device cpu|cuda] [--baseline-commit C] [--json]
 """
 
 import argparse
@@ -27,8 +29,11 @@ import json
 import math
 import os
 import platform
+import importlib.util
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,6 +137,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-traced", action="store_true", help="skip the poutine.trace variant")
+    parser.add_argument("--baseline-commit", help="also time ais.py of this git commit (47eaac1: before issue 14)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -149,6 +155,9 @@ def main(argv=None):
     }
     if not args.no_traced:
         runs["traced"] = lambda seed: _ours(lvm, x, options, seed, use_traces=True)
+    if args.baseline_commit:
+        baseline = _module_at_commit(args.baseline_commit, "pyro_lvm/estimators/ais.py")
+        runs["baseline"] = lambda seed: _baseline(baseline, lvm, x, options, seed)
     load_start = os.getloadavg()
     times = {name: {"wall": [], "cpu": []} for name in runs}
     estimates = {name: [] for name in runs}
@@ -210,6 +219,28 @@ def _ours(lvm, x, options, seed, use_traces):
     chains = options.pop("num_chains")
     stats, _ = ais.ais_statistics(lvm, batches, chains, seed, options, use_traces=use_traces)
     return float(stats.estimate("log_mean_exp").mean()), stderr_of_mean(stats.mc_variance("log_mean_exp"))
+
+
+def _module_at_commit(commit, path):
+    """The module at ``path`` as it was at git ``commit`` of this repository (it may import pyro_lvm)."""
+    repo = Path(__file__).resolve().parent.parent
+    source = subprocess.run(["git", "-C", str(repo), "show", f"{commit}:{path}"], capture_output=True, text=True,
+                            check=True).stdout
+    file = Path(tempfile.mkdtemp(prefix="ais-baseline-")) / "ais_baseline.py"
+    file.write_text(source)
+    spec = importlib.util.spec_from_file_location("ais_baseline", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _baseline(module, lvm, x, options, seed):
+    """The old ``annealed_importance_log_marginal`` (its steps were ``num_steps``); it returns no
+    weights, so its error is not reported."""
+    old = dict(options)
+    old["num_steps"] = old.pop("ais_steps")
+    per_point, _ = module.annealed_importance_log_marginal(lvm, x, seed=seed, **old)
+    return float(per_point.mean()), math.nan
 
 
 if __name__ == "__main__":
