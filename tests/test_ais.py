@@ -422,7 +422,8 @@ class WideGuideLinearGaussian(LinearGaussian):
     def guide(self, x):
         posterior = self.posterior(x)
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.MultivariateNormal(posterior.loc, covariance_matrix=4.0 * posterior.covariance_matrix))
+            wide = dist.MultivariateNormal(posterior.loc, covariance_matrix=4.0 * posterior.covariance_matrix)
+            pyro.sample("z", wide)
 
 
 def test_ais_reported_mc_error_matches_the_spread_over_seeds_on_ppca():

@@ -16,10 +16,11 @@ Streaming. K can be far larger than fits in memory at once (K = 5000 over a batc
 is 5000 x batch x 784 decoder outputs). Particles are processed in chunks; each chunk's weights are
 folded into per-point :class:`~pyro_lvm.estimators.monte_carlo.WeightStatistics` (logsumexps of
 log w and 2 log w, mean and squared deviations of log w: the estimate, the ESS and the Monte Carlo
-standard error all come from them), so no [K, batch] tensor of model outputs is ever alive. The chunk size comes from ``max_memory_mb`` and the bytes one
-particle needs for one data point, measured on the first chunk (CUDA: the allocator's peak; CPU: the
-trace's tensors, times 3 for activations the trace does not hold); on the CPU it is also capped at
-:data:`CPU_CHUNK_BYTES` so that a chunk's tensors stay in cache, and it is aligned to the seed blocks
+standard error all come from them), so no [K, batch] tensor of model outputs is ever alive. The
+chunk size comes from ``max_memory_mb`` and the bytes one particle needs for one data point,
+measured on the first chunk (CUDA: the allocator's peak; CPU: the trace's tensors, times 3 for
+activations the trace does not hold); on the CPU it is also capped at :data:`CPU_CHUNK_BYTES` so
+that a chunk's tensors stay in cache, and it is aligned to the seed blocks
 below. If a chunk still runs out of memory it is halved and retried. Distribution validation runs on
 the first chunk of each batch only.
 
