@@ -8,7 +8,6 @@
     pyro_lvm.sample(run, n=64, out="samples.png")
 """
 
-import json
 import math
 import platform
 import sys
@@ -18,11 +17,13 @@ from pathlib import Path
 import pyro
 import torch
 
-from . import __version__
+from . import __version__, files, outputs, resources, schema
 from .data import BINARIZATIONS, load_dataset
 from .errors import UserError
-from .protocol import build_model, check_support, inspect_model, load_model_class, resolve_hyperparameters
-from .runs import atomic_write_json, load_checkpoint, load_run, read_config
+from .protocol import build_model, check_support, hyperparameters as model_hyperparameters, inspect_model, \
+    load_model_class, resolve_hyperparameters
+from .runs import (atomic_write_json, check_data_fingerprint, check_resume_options, check_resume_state,
+                   create_run_directory, load_checkpoint, load_run, read_config)
 from .device import resolve_device
 from .training import ON_NAN, train
 
@@ -81,11 +82,12 @@ def _versions():
 
 def _resolve_model_spec(spec):
     """Zoo names stay names; file paths become absolute so ``--config`` works from anywhere."""
-    spec = str(spec)
-    target, sep, cls = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    from .protocol import split_model_spec
+
+    target, cls = split_model_spec(spec)
     if target.endswith(".py") or "/" in target:
-        return str(Path(target).resolve()) + (sep + cls if sep else "")
-    return spec
+        return str(Path(target).resolve()) + (":" + cls if cls else "")
+    return str(spec)
 
 
 def _resolve_data_name(name):
@@ -152,14 +154,10 @@ def read_fit_config(path):
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
+    if files.kind(path, follow=True) is None:
         raise UserError(f"config file {str(path)!r} does not exist; give RUN/config.json of an earlier fit")
-    try:
-        stored = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is not valid JSON; give RUN/config.json of an earlier fit") from None
-    if not isinstance(stored, dict):
-        raise UserError(f"{path} must hold a JSON object of fit options")
+    stored = files.read_json(path, follow=True, fix="give RUN/config.json of an earlier fit")
+    schema.validate_config(stored, path, partial=True)
     options = {k: stored[k] for k in FIT_DEFAULTS if k in stored and k not in ("data", "data_dir", "binarize")}
     data = stored.get("data")
     if isinstance(data, dict):
@@ -189,7 +187,7 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
     this process is one of ``torchrun``'s ranks, training data-parallel (:mod:`pyro_lvm.training.distributed`).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    from .training.distributed import context_for, run_lock
+    from .training.distributed import context_for
 
     ctx = context_for(distributed, options.get("device"))
     log = ctx.main_only(log) if ctx is not None else log
@@ -198,10 +196,15 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
         raise UserError(f"unknown fit option(s) {', '.join(sorted(unknown))}; see pyro-lvm fit --help")
     out = Path(out)
     if resume:
-        return _resume(out, options, progress, log, ctx)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"run directory {out} already exists; pass --resume to continue it or choose another --out")
+        return _resume(out, options, progress, log, ctx, model=model, data=data, hyperparameters=hyperparameters)
+    # The run directory is created and locked before anything else, so that of two fits on one --out
+    # exactly one proceeds; a fit refused before it begins removes what it created.
+    with create_run_directory(out, main=ctx is None or ctx.is_main) as run_dir:
+        return _fit_new_run(model, data, out, run_dir, hyperparameters, options, progress, log, ctx)
 
+
+def _fit_new_run(model, data, out, run_dir, hyperparameters, options, progress, log, ctx):
+    """The body of :func:`fit` for a new run, inside its created and locked ``run_dir``."""
     cfg = {**FIT_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     cfg["data"] = data or default_data_for(model)
     _check_options(cfg)
@@ -217,6 +220,9 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
     splits = splits.to(device)
     probe = splits.train[:2] if binarize != "dynamic" else torch.bernoulli(splits.train[:2])
     info = inspect_model(lvm, probe)
+    resources.check_latent_sizes(info, cls.__name__)
+    resources.check_training_memory(info, splits.data_shape, cfg["batch_size"], cfg["particles"], device,
+                                    len(splits.train))
     for split_name in ("train", "valid", "test"):
         if not (split_name == "train" and binarize == "dynamic"):
             check_support(info, getattr(splits, split_name), split_name)
@@ -237,22 +243,18 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
         "data": {"name": _resolve_data_name(cfg["data"]),
                  "data_dir": str(Path(cfg["data_dir"]).resolve()) if cfg["data_dir"] else None,
                  "binarize": binarize, "shape": list(splits.data_shape), "sizes": splits.sizes(),
-                 "source": splits.source},
+                 "source": splits.source, "fingerprint": splits.fingerprint},
         **{k: cfg[k] for k in FIT_DEFAULTS if k not in ("data", "data_dir", "binarize", "hyperparameters")},
         "versions": _versions(),
     }
-    # The run directory appears only now that every input has been checked (by every rank).
+    # The run begins only now that every input has been checked (by every rank).
     if ctx is not None:
         ctx.barrier()
-    out.mkdir(parents=True, exist_ok=True)
-    lock = run_lock(ctx, out)
-    try:
-        if ctx is None or ctx.is_main:
-            atomic_write_json(out / "config.json", config)
-        log(f"fitting {cls.__name__} on {cfg['data']} ({splits.sizes()['train']} points, {device}) -> {out}")
-        train(lvm, splits, objective, config, out, progress=progress, log=log, distributed=ctx)
-    finally:
-        lock.release()
+    run_dir.begin()
+    if ctx is None or ctx.is_main:
+        atomic_write_json(out / "config.json", config)
+    log(f"fitting {cls.__name__} on {cfg['data']} ({splits.sizes()['train']} points, {device}) -> {out}")
+    train(lvm, splits, objective, config, out, progress=progress, log=log, distributed=ctx)
     return load_run(out, device=str(device))
 
 
@@ -261,28 +263,61 @@ def _remedy_options(config):
     return {key: config.get(key, FIT_DEFAULTS[key]) for key in ("kl_warmup", "free_bits", "kl_warmup_start")}
 
 
-def _resume(out, options, progress, log, ctx=None):
+def _resume_request(config, cls, model, data, hyperparameters, options):
+    """What a ``--resume`` asks for, keyed like ``config.json``: ``{key: (flag, value)}``, values
+    normalized as the stored ones are (for :func:`pyro_lvm.runs.check_resume_options`)."""
+    def same_name(given, stored):  # zoo and data set names are case- and dash-insensitive
+        key = str(given).replace("_", "-").lower()
+        return stored if isinstance(stored, str) and key == stored.replace("_", "-").lower() else given
+
+    requested = {}
+    if model not in (None, "-"):
+        requested["model"] = ("MODEL", same_name(_resolve_model_spec(model), config["model"]))
+    if data is not None:
+        requested["data.name"] = ("--data", same_name(_resolve_data_name(data), config["data"]["name"]))
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key == "data_dir":
+            requested["data.data_dir"] = ("--data-dir", str(Path(value).resolve()))
+        elif key == "binarize":
+            if value != "auto":  # auto picks from the model and data, which are checked themselves
+                requested["data.binarize"] = ("--binarize", value)
+        else:
+            requested[key] = ("--" + key.replace("_", "-"), value)
+    given = resolve_hyperparameters(cls, hyperparameters) if hyperparameters else {}
+    for key in (hyperparameters or {}):
+        requested[f"hyperparameters.{key}"] = (f"-p {key}", given[key])
+    return requested
+
+
+def _resume(out, options, progress, log, ctx=None, model=None, data=None, hyperparameters=None):
     from .training.distributed import run_lock
 
-    config = read_config(out)
+    config = read_config(out, for_resume=True)
     lock = run_lock(ctx, out)
     try:
-        if not (out / "checkpoint.pt").is_file():
+        if files.kind(out / "checkpoint.pt") is None:
             raise UserError(f"{out} has no checkpoint yet: its fit stopped before writing the first one, so "
                             f"there is nothing to resume; delete {out} and fit again")
-        state = load_checkpoint(out / "checkpoint.pt")
+        state = load_checkpoint(out / "checkpoint.pt", for_resume=True)
+        cls = load_model_class(config["model"])
+        schema.check_hyperparameters(cls, config["hyperparameters"], model_hyperparameters(cls), out / "config.json")
+        check_resume_options(config, _resume_request(config, cls, model, data, hyperparameters, options), out,
+                             defaults=FIT_DEFAULTS)
         if options.get("epochs") is not None:
             config["epochs"] = check_count("--epochs", int(options["epochs"]))
         device = ctx.device if ctx is not None else resolve_device(options.get("device") or config["device"])
         data_cfg = config["data"]
         splits = load_dataset(data_cfg["name"], data_cfg.get("data_dir"), data_cfg.get("binarize", "none")).to(device)
-        cls = load_model_class(config["model"])
+        check_data_fingerprint(config, splits, out)
         lvm = build_model(cls, splits.data_shape, config["hyperparameters"], device)
         try:
             lvm.load_state_dict(state["model"])
         except (RuntimeError, KeyError) as err:
             raise UserError(f"{out / 'checkpoint.pt'} does not match the model in config.json "
                             f"({str(err).splitlines()[0][:160]})") from None
+        check_resume_state(state, config, out, lvm, -(-len(splits.train) // min(config["batch_size"], len(splits.train))))
         from .objectives import get_objective
 
         info = inspect_model(lvm, splits.valid[:2] if len(splits.valid) else splits.train[:2])
@@ -347,13 +382,19 @@ def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_
     if len(x) == 0:
         raise UserError(f"the {split} split of {run.config['data']['name']} is empty; choose another --split")
     bdmc_points = estimator_options.pop("bdmc_points", None)
-    if bdmc_points is not None:
-        check_count("--bdmc-points", bdmc_points, minimum=0)
-    bdmc_points = bdmc_points or 0
+    bdmc_points = 0 if bdmc_points is None else check_count("--bdmc-points", bdmc_points, minimum=0)
     if "ais_steps" in estimator_options:
         check_count("--ais-steps", estimator_options["ais_steps"])
+    if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)) or not max_memory_mb > 0:
+        raise UserError(f"--max-memory-mb must be a positive number of MiB, got {max_memory_mb!r}")
+    max_memory_mb = resources.memory_budget_mb(max_memory_mb, run.device)
     if estimator != "ais" and (estimator_options or bdmc_points):
         raise UserError(f"--ais-steps, --proposal and --bdmc-points apply to --estimator ais only (got {estimator})")
+    if estimator == "ais":  # every chain of every point of a batch at once
+        at_once = min(len(x), batch_size)
+        resources.check_memory(samples * at_once * resources.bytes_per_point(x.shape[1:]),
+                               f"ais with {samples} chains on {at_once} points at once",
+                               "lower --samples or --batch-size", x.device)
     started = time.perf_counter()
     estimate = estimate_log_marginal if ctx is None else (lambda *a, **k: estimate_sharded(ctx, *a, **k))
     result = estimate(run.model, x, estimator=estimator, num_samples=samples, batch_size=batch_size,
@@ -371,16 +412,19 @@ def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_
         extras.update({"bdmc_lower": sandwich["lower"], "bdmc_upper": sandwich["upper"],
                        "bdmc_gap": sandwich["gap"], "bdmc_points": bdmc_points})
     seconds = time.perf_counter() - started
-    # The Monte Carlo error is undefined with one particle: None (JSON null), like an undefined k-hat.
-    finite_or_none = lambda value: value if value is not None and math.isfinite(value) else None  # noqa: E731
-    if "mc_stderr_max" in extras:
-        extras["mc_stderr_max"] = finite_or_none(extras["mc_stderr_max"])
     if target_mc_error is not None and result.samples_per_point is not None:
         extras["samples_per_point"] = result.samples_per_point.tolist()
     record_ = {"model": run.config["model"], "run": str(run.path), "split": split, "estimator": estimator,
                "samples": samples, "num_points": len(x), "log_px": result.log_px, "stderr": result.stderr,
-               "nll": -result.log_px, "seconds": round(seconds, 4), "mc_stderr": finite_or_none(result.mc_stderr),
-               **extras}
+               "nll": -result.log_px, "seconds": round(seconds, 4), "mc_stderr": result.mc_stderr, **extras}
+    # An undefined Monte Carlo error is None (JSON null), with its own reason, like an undefined k-hat.
+    for key in ("mc_stderr", "mc_stderr_max"):
+        value = record_.get(key)
+        if value is not None and not math.isfinite(value):
+            record_[key] = None
+            record_.setdefault("null_reason", {})[key] = (
+                "the Monte Carlo error is undefined: it needs at least two samples per point (--samples 2 or "
+                "more) and finite weights")
     if record and (ctx is None or ctx.is_main):
         run.record_evaluation(record_)
     return record_
@@ -400,22 +444,13 @@ def sample(run, n=64, out=None, seed=0, device=None):
         raise UserError(f"image samples are written as a picture; give --out FILE.png (got {out.name!r})")
     if not image and suffix != ".csv":
         raise UserError(f"vector samples are written as CSV; give --out FILE.csv (got {out.name!r})")
-    if not out.parent.is_dir():
-        raise UserError(f"folder {str(out.parent)!r} does not exist; create it or choose another --out")
+    outputs.check_sample_target(out, inside_run=out.parent.resolve() == Path(run.path).resolve())
+    resources.check_sampling_memory(run.data.data_shape, int(n), run.device)
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
         trace = pyro.poutine.trace(run.model.model).get_trace(None, num_samples=int(n))
     x = trace.nodes["x"]["value"].detach()
-    if image:
-        from torchvision.utils import save_image
-
-        save_image(x.float().cpu(), out, nrow=max(1, int(math.sqrt(int(n)))), padding=1, pad_value=0.5)
-    else:
-        import numpy as np
-
-        flat = x.reshape(len(x), -1).cpu().numpy()
-        header = ",".join(f"x{i}" for i in range(flat.shape[1]))
-        np.savetxt(out, flat, delimiter=",", header=header, comments="", fmt="%.6g")
+    outputs.write_samples(out, x, image, nrow=max(1, int(math.sqrt(int(n)))))
     return out
 
 

@@ -43,7 +43,9 @@ def test_json_reports_the_mc_error_and_null_where_it_is_undefined(ppca_run, caps
     assert abs(record["log_px"] - exact["log_px"]) < 4 * record["mc_stderr"] + 1e-3
     assert exact["mc_stderr"] == 0.0
     code, out, _ = cli(capsys, "evaluate", ppca_run, "--estimator", "elbo", "--samples", "1", "--json")
-    assert code == 0 and '"mc_stderr": null' in out and json.loads(out)["mc_stderr"] is None
+    single = json.loads(out)
+    assert code == 0 and '"mc_stderr": null' in out and single["mc_stderr"] is None
+    assert "at least two samples" in single["null_reason"]["mc_stderr"]
     code, out, _ = cli(capsys, "evaluate", ppca_run, "--estimator", "is", "--samples", "50")
     assert code == 0 and "Monte Carlo standard error:" in out
 
@@ -67,7 +69,7 @@ def test_target_mc_error_from_the_command_line(ppca_run, capsys):
     (["--estimator", "is", "--samples", "10", "--target-mc-error", "0.1", "--max-samples", "5"], "max-samples"),
     (["--estimator", "is", "--target-mc-error", "-1"], "positive number"),
     (["--estimator", "is", "--ais-steps", "5"], "apply to --estimator ais only"),
-    (["--estimator", "ais", "--ais-steps", "0"], "--ais-steps must be an integer between 1"),
+    (["--estimator", "ais", "--ais-steps", "0"], "--ais-steps must be at least 1"),
     (["--estimator", "ais", "--bdmc-points", "-3"], "--bdmc-points must be an integer between 0"),
 ])
 def test_bad_evaluate_options_are_refused_in_one_line(ppca_run, capsys, args, message):
