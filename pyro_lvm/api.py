@@ -366,11 +366,17 @@ def _as_run(run, device=None):
 
 
 def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_size=100,
-             max_memory_mb=1024, seed=0, device=None, record=True, distributed=False, **estimator_options):
+             max_memory_mb=1024, seed=0, device=None, record=True, distributed=False, target_mc_error=None,
+             max_samples=None, progress=True, **estimator_options):
     """Estimate log p(x) per data point on a split; returns the JSON record of ``evaluate --json``.
 
-    ``distributed=True``: this process is one of ``torchrun``'s ranks; the points are sharded over the
-    ranks and the per-point estimates gathered (the same values as one process computes).
+    ``estimator_options`` are AIS's (``ais_steps``, ``proposal``, ``bdmc_points``, and the others of
+    :data:`pyro_lvm.estimators.ais.AIS_OPTIONS`). ``target_mc_error=EPS`` doubles the particles of
+    the points whose Monte Carlo standard error exceeds EPS, up to ``max_samples`` per point
+    (default 64 times ``samples``); the record then lists ``samples_per_point``. ``progress``: a bar
+    on stderr when it is a terminal. ``distributed=True``: this process is one of ``torchrun``'s
+    ranks; the points are sharded over the ranks and the per-point estimates gathered (the same
+    values as one process computes).
     """
     from .training.distributed import context_for, estimate_sharded
     from .estimators import ESTIMATORS, estimate_log_marginal
@@ -388,6 +394,8 @@ def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_
         raise UserError(f"--samples must be at least 1, got {samples}")
     check_count("--samples", samples)
     check_count("--batch-size", batch_size)
+    if max_samples is not None:
+        check_count("--max-samples", max_samples)
     check_seed(seed)
     x, _ = run.data.split(split)
     if limit is not None:
@@ -398,18 +406,24 @@ def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_
         raise UserError(f"the {split} split of {run.config['data']['name']} is empty; choose another --split")
     bdmc_points = estimator_options.pop("bdmc_points", None)
     bdmc_points = 0 if bdmc_points is None else check_count("--bdmc-points", bdmc_points, minimum=0)
+    if "ais_steps" in estimator_options:
+        check_count("--ais-steps", estimator_options["ais_steps"])
     if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)) or not max_memory_mb > 0:
         raise UserError(f"--max-memory-mb must be a positive number of MiB, got {max_memory_mb!r}")
     max_memory_mb = resources.memory_budget_mb(max_memory_mb, run.device)
     if estimator != "ais" and (estimator_options or bdmc_points):
         raise UserError(f"--ais-steps, --proposal and --bdmc-points apply to --estimator ais only (got {estimator})")
-    if estimator == "ais":  # every chain of every point at once
-        resources.check_memory(samples * len(x) * resources.bytes_per_point(x.shape[1:]),
-                               f"ais with {samples} chains on {len(x)} points", "lower --samples or --limit", x.device)
+    if estimator == "ais":  # every chain of every point of a batch at once
+        at_once = min(len(x), batch_size)
+        resources.check_memory(samples * at_once * resources.bytes_per_point(x.shape[1:]),
+                               f"ais with {samples} chains on {at_once} points at once",
+                               "lower --samples or --batch-size", x.device)
     started = time.perf_counter()
     estimate = estimate_log_marginal if ctx is None else (lambda *a, **k: estimate_sharded(ctx, *a, **k))
     result = estimate(run.model, x, estimator=estimator, num_samples=samples, batch_size=batch_size,
-                      max_memory_mb=max_memory_mb, seed=seed, **estimator_options)
+                      max_memory_mb=max_memory_mb, seed=seed, target_mc_error=target_mc_error,
+                      max_samples=max_samples, progress=progress and (ctx is None or ctx.is_main),
+                      **estimator_options)
     extras = dict(result.extras)
     if bdmc_points > 0:
         # The sandwich of Grosse et al. (2015): on data simulated from the model, forward AIS is a
@@ -421,9 +435,19 @@ def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_
         extras.update({"bdmc_lower": sandwich["lower"], "bdmc_upper": sandwich["upper"],
                        "bdmc_gap": sandwich["gap"], "bdmc_points": bdmc_points})
     seconds = time.perf_counter() - started
+    if target_mc_error is not None and result.samples_per_point is not None:
+        extras["samples_per_point"] = result.samples_per_point.tolist()
     record_ = {"model": run.config["model"], "run": str(run.path), "split": split, "estimator": estimator,
                "samples": samples, "num_points": len(x), "log_px": result.log_px, "stderr": result.stderr,
-               "nll": -result.log_px, "seconds": round(seconds, 4), **extras}
+               "nll": -result.log_px, "seconds": round(seconds, 4), "mc_stderr": result.mc_stderr, **extras}
+    # An undefined Monte Carlo error is None (JSON null), with its own reason, like an undefined k-hat.
+    for key in ("mc_stderr", "mc_stderr_max"):
+        value = record_.get(key)
+        if value is not None and not math.isfinite(value):
+            record_[key] = None
+            record_.setdefault("null_reason", {})[key] = (
+                "the Monte Carlo error is undefined: it needs at least two samples per point (--samples 2 or "
+                "more) and finite weights")
     if record and (ctx is None or ctx.is_main):
         run.record_evaluation(record_)
     return record_

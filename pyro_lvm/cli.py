@@ -81,6 +81,11 @@ def _build_parser():
                           help="shard the points over torchrun's processes: torchrun --nproc_per_node N -m pyro_lvm.cli evaluate ...")
     evaluate.add_argument("--batch-size", type=int, default=100, help="data points per batch (default 100)")
     evaluate.add_argument("--max-memory-mb", type=float, default=1024, help="memory budget of one chunk of particles (default 1024)")
+    evaluate.add_argument("--target-mc-error", type=float, metavar="EPS",
+                          help="double K for the points whose Monte Carlo standard error exceeds EPS nats, up to "
+                               "--max-samples (elbo, is, ais)")
+    evaluate.add_argument("--max-samples", type=int, metavar="N",
+                          help="with --target-mc-error: at most N samples per point (default 64 times --samples)")
     evaluate.add_argument("--ais-steps", type=int, help="ais: annealing steps (default 200, sigmoid schedule)")
     evaluate.add_argument("--proposal", choices=["prior", "guide"], help="ais: start from the prior (default) or the guide")
     evaluate.add_argument("--bdmc-points", type=int,
@@ -173,20 +178,26 @@ def _cmd_evaluate(args):
 
     if args.ais_steps is not None and args.ais_steps < 1:
         raise UserError(f"--ais-steps must be at least 1, got {args.ais_steps}")
-    ais_options = {key: value for key, value in (("num_steps", args.ais_steps), ("proposal", args.proposal),
+    ais_options = {key: value for key, value in (("ais_steps", args.ais_steps), ("proposal", args.proposal),
                                                  ("bdmc_points", args.bdmc_points)) if value is not None}
+    # The bar goes to stderr, and only when that is a terminal; none when --json output is piped.
+    progress = not (args.json and not sys.stdout.isatty())
     record = api.evaluate(args.run, split=args.split, estimator=args.estimator, samples=args.samples,
                           limit=args.limit, batch_size=args.batch_size, max_memory_mb=args.max_memory_mb,
-                          seed=args.seed, device=args.device, distributed=args.distributed, **ais_options)
+                          seed=args.seed, device=args.device, distributed=args.distributed,
+                          target_mc_error=args.target_mc_error, max_samples=args.max_samples, progress=progress,
+                          **ais_options)
     if args.distributed and _rank() != 0:  # every rank holds the result; rank 0 prints it
         return
     if args.json:  # standard JSON: a non-finite number is null, with its reason in "null_reason"
         print(json.dumps(json_compatible(record), allow_nan=False))
     else:
+        mc = record.get("mc_stderr")
         print(f"{record['estimator']} (K={record['samples']}) on {record['num_points']} {record['split']} points: "
               f"log p(x) = {record['log_px']:.4f} +- {record['stderr']:.4f} nats  ({record['seconds']:.2f} s)")
+        print(f"  Monte Carlo standard error: {'undefined' if mc is None else f'{mc:.4f} nats'}")
         for key in sorted(set(record) - {"model", "run", "split", "estimator", "samples", "num_points",
-                                         "log_px", "stderr", "nll", "seconds"}):
+                                         "log_px", "stderr", "nll", "seconds", "mc_stderr", "samples_per_point"}):
             print(f"  {key}: {record[key]}")
 
 

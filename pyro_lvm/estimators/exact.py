@@ -30,7 +30,7 @@ def exact_log_marginal(lvm, x, batch_size):
     log_marginal = getattr(program, "log_marginal", None)
     if callable(log_marginal):
         per_point = torch.cat([log_marginal(xb).reshape(-1) for xb in x.split(batch_size)])
-        return per_point, {"method": "log_marginal", "mc_stderr": 0.0}
+        return per_point, {"method": "log_marginal"}
 
     random = [s.name for s in info.guide_latents if not s.enumerated and not s.point_mass] + list(info.guide_only_sites)
     if random:
@@ -43,4 +43,4 @@ def exact_log_marginal(lvm, x, batch_size):
         except UserError as err:
             raise _no_exact(program, f"no log_marginal method, and {err}") from None
         pieces.append(weights.log_weights[0][:valid])
-    return torch.cat(pieces), {"method": "enumeration", "mc_stderr": 0.0}
+    return torch.cat(pieces), {"method": "enumeration"}

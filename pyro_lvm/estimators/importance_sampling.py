@@ -14,11 +14,13 @@ low, by less as K grows and as q approaches the posterior). The same weights giv
 
 Streaming. K can be far larger than fits in memory at once (K = 5000 over a batch of MNIST digits
 is 5000 x batch x 784 decoder outputs). Particles are processed in chunks; each chunk's weights are
-folded into running logsumexps of log w and 2 log w and a running sum of log w, so no [K, batch]
-tensor of model outputs is ever alive. The chunk size comes from ``max_memory_mb`` and the bytes one
-particle needs for one data point, measured on the first chunk (CUDA: the allocator's peak; CPU: the
-trace's tensors, times 3 for activations the trace does not hold); on the CPU it is also capped at
-:data:`CPU_CHUNK_BYTES` so that a chunk's tensors stay in cache, and it is aligned to the seed blocks
+folded into per-point :class:`~pyro_lvm.estimators.monte_carlo.WeightStatistics` (logsumexps of
+log w and 2 log w, mean and squared deviations of log w: the estimate, the ESS and the Monte Carlo
+standard error all come from them), so no [K, batch] tensor of model outputs is ever alive. The
+chunk size comes from ``max_memory_mb`` and the bytes one particle needs for one data point,
+measured on the first chunk (CUDA: the allocator's peak; CPU: the trace's tensors, times 3 for
+activations the trace does not hold); on the CPU it is also capped at :data:`CPU_CHUNK_BYTES` so
+that a chunk's tensors stay in cache, and it is aligned to the seed blocks
 below. If a chunk still runs out of memory it is halved and retried. Distribution validation runs on
 the first chunk of each batch only.
 
@@ -34,6 +36,9 @@ k-hat needs the weights themselves: per batch the first ``M`` log weights of eac
 in a quarter of the budget, else as many as fit (at least 1). k-hat is then computed by
 :func:`pyro_lvm.estimators.psis.pareto_khat` (arviz-stats) on the kept weights; with fewer than 25
 weights per point it is undefined and reported as ``None``.
+
+A guide that draws nothing (every latent of the model enumerated) makes every particle's weight the
+same, the exact log p(x): one particle is computed instead of K (:func:`enumerated_statistics`).
 """
 
 import contextlib
@@ -44,10 +49,12 @@ import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.util import site_is_subsample
 
 from ..errors import UserError
 from .importance_weights import (GuideTerms, combine, compute_importance_weights, guide_log_density,
                                  model_log_density, trace_guide, trace_model)
+from .monte_carlo import WeightStatistics
 from .psis import pareto_khat
 
 #: Particles drawn per seeded guide pass. Part of what a ``seed`` means: changing it changes draws.
@@ -241,147 +248,210 @@ def _sequential_chunk(model, guide, x, num_samples, max_plate_nesting, seed, bat
     return torch.cat(log_w), torch.cat(elbo)
 
 
-class _Accumulator:
-    """Running per-point statistics of log weights over chunks of particles."""
 
-    def __init__(self, batch, keep, device):
-        self.lse = torch.full((batch,), -math.inf, device=device, dtype=torch.float64)
-        self.lse2 = self.lse.clone()
-        self.total = torch.zeros(batch, device=device, dtype=torch.float64)
-        self.total2 = torch.zeros(batch, device=device, dtype=torch.float64)
-        self.keep = keep
-        self.kept = []
-        self.num_kept = 0
+class ChunkPlanner:
+    """How many particles a chunk takes: measured on the first chunk of all, kept across batches
+    (and across the rounds of ``--target-mc-error``), lowered after an out-of-memory retry."""
 
-    def add(self, log_weights, elbo=None):
-        lw = log_weights.double()
-        self.lse = torch.logaddexp(self.lse, torch.logsumexp(lw, 0))
-        self.lse2 = torch.logaddexp(self.lse2, torch.logsumexp(2 * lw, 0))
-        terms = lw if elbo is None else elbo.double()
-        self.total += terms.sum(0)
-        self.total2 += (terms * terms).sum(0)
-        if self.num_kept < self.keep:
-            piece = lw[: self.keep - self.num_kept].float().cpu()
-            self.kept.append(piece)
-            self.num_kept += piece.shape[0]
+    def __init__(self, max_memory_mb, device):
+        self.budget = max_memory_mb * 2 ** 20
+        self.device = device
+        self.bytes_per_particle_point = None
+        self.chunk_sizes = set()
+
+    def first_chunk(self, xb, num_samples):
+        # The first chunk of all is small and measures what a particle costs: at most 16 particles,
+        # fewer when a guess of 16 bytes per data element and particle would exceed the budget.
+        if self.bytes_per_particle_point is None:
+            point_size = math.prod(xb.shape[1:])
+            return min(16, chunk_particles(self.budget, 16.0 * point_size, xb.shape[0], num_samples, self.device))
+        return chunk_particles(self.budget, self.bytes_per_particle_point, xb.shape[0], num_samples, self.device)
+
+    def measured(self, model_trace, size, b, baseline, num_samples):
+        """The chunk size for the rest of the batch, from the first chunk's ``size`` particles."""
+        measured = _trace_bytes(model_trace) * _CPU_ACTIVATION_FACTOR
+        if self.device.type == "cuda":
+            measured = max(measured, torch.cuda.max_memory_allocated(self.device) - baseline)
+        self.bytes_per_particle_point = max(measured / (size * b), 1.0)
+        return chunk_particles(self.budget, self.bytes_per_particle_point, b, num_samples, self.device)
+
+    def halved(self, size, b):
+        chunk = max(1, size // 2)
+        if self.bytes_per_particle_point is not None:  # later batches start from what fitted
+            self.bytes_per_particle_point = max(self.bytes_per_particle_point, self.budget / (chunk * b))
+        return chunk
+
+
+def _statistics(log_weights, elbo):
+    """:class:`WeightStatistics` of log weights ``[k, b]``; the mean of the log weights is replaced by
+    that of the ELBO terms where they differ (a guide that enumerates: the ELBO is q's expectation)."""
+    stats = WeightStatistics.from_log_weights(log_weights)
+    if elbo is not None and elbo is not log_weights:
+        terms = WeightStatistics.from_log_weights(elbo)
+        stats.mean, stats.m2 = terms.mean, terms.m2
+    return stats
+
+
+def _batch_statistics(model, guide, xb, batch_index, num_samples, seed, max_plate_nesting, planner, keep, progress,
+                      data_plate=None, vectorize=True):
+    """:class:`WeightStatistics` of ``num_samples`` particles for each point of one batch, and the
+    first ``keep`` log weights of each point (CPU, float32) for k-hat."""
+    device = xb.device
+    b = xb.shape[0]
+    if not vectorize:  # a program that does not broadcast over particles: one at a time
+        log_weights, elbo = _sequential_chunk(model, guide, xb, num_samples, max_plate_nesting, seed, batch_index,
+                                              data_plate)
+        planner.chunk_sizes.add(1)
+        progress.advance(num_samples * b)
+        kept = log_weights[:keep].detach().float().cpu() if keep else None
+        return _statistics(log_weights, elbo), kept
+    blocks = _GuideBlocks(guide, xb, num_samples, max_plate_nesting, seed, batch_index, device, data_plate)
+    stats, kept, num_kept = None, [], 0
+    chunk = planner.first_chunk(xb, num_samples)
+    guide_names = None
+    start = 0
+    while start < num_samples:
+        size = min(num_samples - start, chunk)
+        # Distribution and support checks run on the first chunk of each batch (its data, the
+        # first guide block, the model's parameters); later chunks of the batch repeat the same
+        # checks on new particles only, at a cost comparable to the log densities themselves.
+        checks = contextlib.nullcontext() if start == 0 else pyro.validation_enabled(False)
+        measuring = planner.bytes_per_particle_point is None
+        baseline = None
+        try:
+            with checks:
+                replay, log_q = blocks.take(start, start + size)
+                if guide_names is None:
+                    guide_names = set(replay.nodes)
+                if device.type == "cuda" and measuring:
+                    torch.cuda.synchronize(device)
+                    baseline = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                (log_weights, elbo), model_trace = model_chunk_log_weights(model, xb, replay, log_q,
+                                                                           max_plate_nesting, guide_names, data_plate)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            del err
+            if size == 1:
+                raise UserError("out of memory with a single particle; lower --batch-size") from None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            chunk = planner.halved(size, b)
+            continue
+        if measuring:
+            chunk = planner.measured(model_trace, size, b, baseline, num_samples)
+        del model_trace, replay
+        piece = _statistics(log_weights, elbo)
+        stats = piece if stats is None else stats.merge(piece)
+        if num_kept < keep:
+            kept.append(log_weights[: keep - num_kept].detach().float().cpu())
+            num_kept += kept[-1].shape[0]
+        planner.chunk_sizes.add(size)
+        progress.advance(size * b)
+        start += size
+    return stats, (torch.cat(kept, 0) if kept else None)
+
+
+def _kept_weights(num_samples, b, budget):
+    """How many log weights per point k-hat keeps: all K when [K, b] float32 fits in a quarter of
+    the budget, else as many as do (at least 1)."""
+    return num_samples if num_samples * b * 4 <= budget / 4 else max(1, int(budget / 4 // (4 * b)))
+
+
+def guide_samples_nothing(guide, x):
+    """Whether the guide draws no latent value (every latent of the model is enumerated): then every
+    particle has the same weight, and one particle gives the exact log p(x)."""
+    with poutine.block(), torch.no_grad():
+        trace = poutine.trace(guide).get_trace(x)
+    return not any(site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+                   and site["infer"].get("enumerate") != "parallel" for site in trace.nodes.values())
+
+
+def valid_points(batch):
+    """How many of a batch's points are real (a self-subsampling program's last batch is padded)."""
+    return getattr(batch, "valid", None) or len(batch)
+
+
+def enumerated_statistics(model, guide, batches, num_samples, max_plate_nesting, progress, data_plate=None):
+    """For a model whose latents are all enumerated, or whose guide draws only point masses: the log
+    p(x) of each point (one particle, no particle plate, every discrete latent summed out), as the
+    statistics of ``num_samples`` equal weights."""
+    from .progress import or_silent
+
+    progress = or_silent(progress)
+    parts = []
+    for _, xb in batches:
+        weights = compute_importance_weights(model, guide, (xb,), {}, 1, max_plate_nesting, data_plate=data_plate,
+                                             allow_global=True, vectorize=False)
+        valid = valid_points(xb)
+        stats = WeightStatistics.constant(weights.log_weights[0][:valid], num_samples)
+        if weights.elbo is not None and weights.elbo is not weights.log_weights:
+            stats.mean = weights.elbo[0][:valid].detach().double()  # the guide's expectation over its enumeration
+        parts.append(stats)
+        progress.advance(num_samples * xb.shape[0])
+    return WeightStatistics.cat(parts)
+
+
+def importance_sampling_statistics(model, guide, batches, num_samples, seed, max_plate_nesting, planner,
+                                   khat=False, progress=None, data_plate=None, vectorize=True):
+    """Weight statistics of ``num_samples`` particles per point over ``batches``, chunked by ``planner``.
+
+    :param batches: ``[(batch_index, xb), ...]``; a batch's draws come from the seed blocks of
+        ``(seed, batch_index, block)``, so the same batch index and seed give the same particles.
+        A batch may be a :class:`~pyro_lvm.protocol.SubsampleBatch` (its padding is left out).
+    :param data_plate: the data plate's name; ``vectorize``: False runs the particles one at a time.
+    :param khat: also return the PSIS k-hat of each point (NaN where undefined).
+    :returns: ``(WeightStatistics over the points of all batches in order, khat array or None,
+        weights per point that k-hat used)``.
+    """
+    from .progress import or_silent
+
+    progress = or_silent(progress)
+    parts, khats, num_kept = [], [], None
+    for batch_index, xb in batches:
+        keep = _kept_weights(num_samples, xb.shape[0], planner.budget) if khat else 0
+        stats, kept = _batch_statistics(model, guide, xb, batch_index, num_samples, seed, max_plate_nesting,
+                                        planner, keep, progress, data_plate, vectorize)
+        valid = valid_points(xb)
+        if valid < len(xb):  # the padding of a self-subsampling program's last batch
+            stats = stats.select(torch.arange(valid, device=stats.count.device))
+            kept = kept[:, :valid] if kept is not None else None
+        parts.append(stats)
+        if khat:
+            khats.append(pareto_khat(kept))
+            num_kept = kept.shape[0] if num_kept is None else min(num_kept, kept.shape[0])
+    return WeightStatistics.cat(parts), (np.concatenate(khats) if khat else None), num_kept
 
 
 def importance_sampling_log_marginal(model, guide, x, num_samples, batch_size, max_memory_mb, seed,
-                                     max_plate_nesting, statistic="is", batches=None, data_plate=None,
-                                     vectorize=True):
+                                     max_plate_nesting, statistic="is"):
     """Per-point log p(x) estimates and diagnostics over all of ``x``, chunked to ``max_memory_mb``.
 
-    ``statistic``: ``"is"`` and ``"iwae"`` give log mean_k w_k, ``"elbo"`` the mean over particles of
-    the ELBO term (mean_k log w_k, or the guide's expectation over its enumerated sites).
-    ``batches``: ``(batch, valid)`` pairs covering ``x`` (:meth:`~pyro_lvm.protocol.Program.batches`),
-    by default slices of ``batch_size`` rows; ``data_plate``: the data plate's name; ``vectorize``:
-    False runs the particles one at a time. Returns ``(per_point [N] float32 on x's device, extras)``.
+    ``statistic``: ``"is"`` and ``"iwae"`` give log mean_k w_k, ``"elbo"`` mean_k log w_k. Returns
+    ``(per_point [N] on x's device in the model's dtype, extras dict)``; see
+    :func:`pyro_lvm.estimators.estimate_log_marginal` for the Monte Carlo errors.
     """
-    budget = max_memory_mb * 2 ** 20
-    device = x.device
-    per_point, ess, khats, variances = [], [], [], []
-    bytes_per_particle_point = None
-    chunk = None
-    guide_names = None
-    chunk_sizes = set()
-    if batches is None:
-        batches = [(part, len(part)) for part in x.split(batch_size)]
-    for batch_index, (xb, valid) in enumerate(batches):
-        b = len(xb)
-        keep = num_samples if num_samples * b * 4 <= budget / 4 else max(1, int(budget / 4 // (4 * b)))
-        acc = _Accumulator(b, keep if statistic == "is" else 0, device)
-        if not vectorize:
-            acc.add(*_sequential_chunk(model, guide, xb, num_samples, max_plate_nesting, seed, batch_index,
-                                       data_plate))
-            chunk_sizes.add(1)
-            _finish(acc, statistic, num_samples, valid, per_point, ess, khats, variances)
-            continue
-        blocks = _GuideBlocks(guide, xb, num_samples, max_plate_nesting, seed, batch_index, device, data_plate)
-        if bytes_per_particle_point is not None:
-            chunk = chunk_particles(budget, bytes_per_particle_point, b, num_samples, device)
-        start = 0
-        while start < num_samples:
-            # The first chunk of all is small and measures what a particle costs: at most 16 particles,
-            # fewer when a guess of 16 bytes per data element and particle would exceed the budget.
-            if chunk is None:
-                point_size = (xb.data[0] if hasattr(xb, "indices") else xb[0]).numel()
-                chunk = min(16, chunk_particles(budget, 16.0 * point_size, b, num_samples, device))
-            size = min(num_samples - start, chunk)
-            # Distribution and support checks run on the first chunk of each batch (its data, the
-            # first guide block, the model's parameters); later chunks of the batch repeat the same
-            # checks on new particles only, at a cost comparable to the log densities themselves.
-            checks = contextlib.nullcontext() if start == 0 else pyro.validation_enabled(False)
-            try:
-                with checks:
-                    replay, log_q = blocks.take(start, start + size)
-                    if guide_names is None:
-                        guide_names = set(replay.nodes)
-                    if device.type == "cuda" and bytes_per_particle_point is None:
-                        torch.cuda.synchronize(device)
-                        baseline = torch.cuda.memory_allocated(device)
-                        torch.cuda.reset_peak_memory_stats(device)
-                    log_weights, model_trace = model_chunk_log_weights(model, xb, replay, log_q,
-                                                                       max_plate_nesting, guide_names, data_plate)
-            except Exception as err:
-                if not is_out_of_memory(err):
-                    raise
-                del err
-                if size == 1:
-                    raise UserError("out of memory with a single particle; lower --batch-size") from None
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                chunk = max(1, size // 2)
-                if bytes_per_particle_point is not None:  # later batches start from what fitted
-                    bytes_per_particle_point = max(bytes_per_particle_point, budget / (chunk * b))
-                continue
-            if bytes_per_particle_point is None:
-                measured = _trace_bytes(model_trace) * _CPU_ACTIVATION_FACTOR
-                if device.type == "cuda":
-                    measured = max(measured, torch.cuda.max_memory_allocated(device) - baseline)
-                bytes_per_particle_point = max(measured / (size * b), 1.0)
-                chunk = chunk_particles(budget, bytes_per_particle_point, b, num_samples, device)
-            del model_trace, replay
-            acc.add(*log_weights)
-            chunk_sizes.add(size)
-            start += size
-        _finish(acc, statistic, num_samples, valid, per_point, ess, khats, variances)
-    per_point = torch.cat(per_point)
-    ess = torch.cat(ess)
-    # The estimator's own error on the mean over points (the spread of the points apart).
-    mc_stderr = float(torch.cat(variances).sum().sqrt() / len(per_point))
-    extras = {"mc_stderr": mc_stderr, "ess_mean": float(ess.mean()), "ess_min": float(ess.min()),
-              "max_chunk_particles": int(max(chunk_sizes))}
-    if statistic == "is":
-        khat = np.concatenate(khats)
+    planner = ChunkPlanner(max_memory_mb, x.device)
+    batches = list(enumerate(x.split(batch_size)))
+    stats, khat, num_kept = importance_sampling_statistics(model, guide, batches, num_samples, seed,
+                                                           max_plate_nesting, planner, khat=statistic == "is")
+    kind = "mean_log" if statistic == "elbo" else "log_mean_exp"
+    extras = sampling_extras(stats, planner, khat, num_kept)
+    return stats.estimate(kind).to(stats.dtype), extras
+
+
+def sampling_extras(stats, planner, khat, num_kept):
+    """The JSON-able diagnostics of importance sampling: ESS, chunk size, PSIS k-hat."""
+    ess = stats.effective_sample_size()
+    extras = {"ess_mean": float(ess.mean()), "ess_min": float(ess.min())}
+    if planner is not None and planner.chunk_sizes:
+        extras["max_chunk_particles"] = int(max(planner.chunk_sizes))
+    if khat is not None:
         defined = khat[np.isfinite(khat)]
         extras.update({
             "khat_max": float(defined.max()) if defined.size else None,
             "khat_frac_above_0.7": float((defined > 0.7).mean()) if defined.size else None,
-            "khat_samples": int(min(torch.cat(acc.kept, 0).shape[0], num_samples)),
+            "khat_samples": int(num_kept) if num_kept is not None else 0,
         })
-    return per_point, extras
-
-
-def estimator_variance(acc, statistic, num_samples):
-    """The Monte Carlo variance of each point's estimate, from the running sums: var(log w) / K for the
-    ELBO, and by the delta method (var(w) / (K E[w]^2)) for log mean_k w_k."""
-    k = num_samples
-    if statistic == "elbo":
-        mean = acc.total / k
-        return (acc.total2 / k - mean * mean).clamp_min(0.0) / max(k - 1, 1)
-    relative = (acc.lse2 - 2 * acc.lse + math.log(k)).exp() - 1.0  # E[w^2] / E[w]^2 - 1
-    return relative.clamp_min(0.0) / max(k - 1, 1)
-
-
-def _finish(acc, statistic, num_samples, valid, per_point, ess, khats, variances=None):
-    """One batch's estimates, the padded points of a self-subsampling program's last batch dropped."""
-    if statistic == "elbo":
-        estimate = acc.total / num_samples
-    else:
-        estimate = acc.lse - math.log(num_samples)
-    per_point.append(estimate.float()[:valid])
-    if variances is not None:
-        variances.append(estimator_variance(acc, statistic, num_samples)[:valid])
-    ess.append(torch.exp(2 * acc.lse - acc.lse2).float()[:valid])
-    if statistic == "is":
-        khats.append(pareto_khat(torch.cat(acc.kept, 0)[:, :valid]))
+    return extras
