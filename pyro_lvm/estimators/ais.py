@@ -219,9 +219,9 @@ def _validation_on():
 
 
 def _site_log_prob(site):
-    """A site's log density exactly as ``Trace.compute_log_prob`` computes it."""
-    return scale_and_mask(site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"]),
-                          site["scale"], site["mask"])
+    """A site's log density as ``Trace.compute_log_prob`` computes it, masked but unscaled: AIS
+    estimates each point's log p(x), whatever scale a subsampling plate (or a minibatch handler) set."""
+    return scale_and_mask(site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"]), 1.0, site["mask"])
 
 
 class _AnnealingTarget:
@@ -462,8 +462,7 @@ class _AnnealingTarget:
             return sum(self._per_chain(_site_log_prob(by_name[site.name])) for site in self.sites)
         with self._chains():
             trace = poutine.trace(poutine.condition(self.lvm.guide, data=values)).get_trace(self.x)
-        trace.compute_log_prob()
-        return sum(self._per_chain(trace.nodes[site.name]["log_prob"]) for site in self.sites)
+        return sum(self._per_chain(_site_log_prob(trace.nodes[site.name])) for site in self.sites)
 
     def log_densities(self, u, beta=None, grad="beta"):
         """``(a0, a1, gradient)`` at the unconstrained state ``u``.
