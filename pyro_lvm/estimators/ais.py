@@ -683,7 +683,8 @@ def ais_statistics(lvm, batches, num_chains, seed, options, progress=None, use_t
     program, info = _program(lvm, first)
     drawn_globals = [s.name for s in info.global_latents if s.in_guide and not s.point_mass]
     if drawn_globals:
-        raise UserError(f"{', '.join(map(repr, drawn_globals))} are global latents (outside the data plate); AIS "
+        are = "is a global latent" if len(drawn_globals) == 1 else "are global latents"
+        raise UserError(f"{', '.join(map(repr, drawn_globals))} {are} (outside the data plate); AIS "
                         f"anneals the latents of each data point and cannot anneal a global one: use --estimator "
                         f"is, which estimates the predictive log p(x_n | training data)")
     continuous = [s for s in info.latent_sites if s.local and not s.enumerated and not s.discrete]

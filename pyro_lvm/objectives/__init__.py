@@ -103,9 +103,9 @@ def check_objective(key, model_info):
                             f"sites, and guide site(s) {', '.join(map(repr, rough))} are not (discrete or "
                             f"enumerated); use --objective elbo, which sums them out or takes the score function")
     if key in ("iwae", "iwae-dreg") and global_latents:
-        raise UserError(f"--objective {key} is a bound per data point, and {', '.join(map(repr, global_latents))} "
-                        f"are global latents (outside the data plate) with no per-point term; use --objective "
-                        f"elbo or meanfield to fit this model")
+        raise UserError(f"--objective {key} is a bound per data point, and the model's global latents "
+                        f"({', '.join(map(repr, global_latents))}, outside the data plate) have no per-point term; "
+                        f"use --objective elbo or meanfield to fit this model")
     if key == "iwae-dreg" and rough:
         raise UserError(f"iwae-dreg needs reparameterized guide sites, but {', '.join(map(repr, rough))} "
                         f"are not; use the iwae objective")
