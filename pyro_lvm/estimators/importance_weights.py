@@ -49,7 +49,7 @@ from pyro.poutine.runtime import _ENUM_ALLOCATOR
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 from ..errors import UserError
-from ..protocol.plates import PARTICLE_PLATES, plate_frame, program_frames
+from ..protocol.plates import plate_frame, program_frames
 
 PARTICLE_PLATE = "particles"
 

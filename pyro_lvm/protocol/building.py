@@ -10,7 +10,6 @@ import difflib
 import inspect
 
 import pyro
-import torch
 
 from ..errors import UserError
 from .loading import ProgramFunctions, describe_exception, user_frame

@@ -69,10 +69,6 @@ class SubsampleBatch:
         return self.data[self.indices]
 
 
-def batch_size_of(batch):
-    return len(batch)
-
-
 class CallingConvention:
     """How a user's ``model`` or ``guide`` takes the data: positionally, by keyword, or not at all."""
 
