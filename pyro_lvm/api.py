@@ -25,6 +25,7 @@ from .protocol import build_model, check_support, inspect_model, load_model_clas
 from .runs import atomic_write_json, load_checkpoint, load_run, read_config
 from .device import resolve_device
 from .training import ON_NAN, train
+from .training.schedules import DEPENDS_ON_LENGTH, resolve_schedule_options
 
 FIT_DEFAULTS = {
     "data": None,  # the model's default data set (see default_data_for)
@@ -36,6 +37,18 @@ FIT_DEFAULTS = {
     "epochs": 20,
     "batch_size": 100,
     "lr": 1e-3,
+    # the learning-rate schedule (pyro_lvm/training/schedules.py) and its options; None = the schedule's default
+    "schedule": "constant",
+    "lr_decay": None,
+    "lr_step": None,
+    "lr_min": None,
+    "adam_betas": [0.9, 0.999],
+    "adam_eps": 1e-8,
+    "clip_grad_norm": 0.0,  # 0 = off
+    # early stopping on the validation bound (pyro_lvm/training/checkpoints.py); 0 = off
+    "patience": 0,
+    "min_delta": 0.0,
+    "restarts": 1,  # initialisations, the best by validation bound kept (pyro_lvm/training/restarts.py)
     "seed": 0,
     "device": "auto",
     "checkpoint_every": 0,
@@ -122,11 +135,13 @@ def _check_options(cfg):
         raise UserError(f"unknown objective {cfg['objective']!r}; "
                         + (f"did you mean {', '.join(close)}? " if close else "")
                         + f"choose from {', '.join(OBJECTIVES)}")
-    for key, minimum in (("particles", 1), ("epochs", 1), ("batch_size", 1), ("checkpoint_every", 0)):
+    for key, minimum in (("particles", 1), ("epochs", 1), ("batch_size", 1), ("checkpoint_every", 0),
+                         ("patience", 0), ("restarts", 1)):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < minimum:
             raise UserError(f"--{key.replace('_', '-')} must be an integer >= {minimum}, got {cfg[key]!r}")
     check_count("--particles", cfg["particles"])
     check_count("--epochs", cfg["epochs"])
+    check_count("--restarts", cfg["restarts"], maximum=10_000)
     for key in ("lr", "checkpoint_minutes"):
         value = cfg[key]
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
@@ -138,6 +153,7 @@ def _check_options(cfg):
         raise UserError(f"cuda_graph must be True or False, got {cfg['cuda_graph']!r}")
     if cfg["on_nan"] not in ON_NAN:
         raise UserError(f"--on-nan must be one of {', '.join(ON_NAN)}; got {cfg['on_nan']!r}")
+    _check_training_options(cfg)
     # remedies (KL warm-up, free bits): values, then the objective they need
     from .objectives.regularized import check_remedies
 
@@ -145,6 +161,23 @@ def _check_options(cfg):
     if (cfg["kl_warmup"] or cfg["free_bits"]) and cfg["objective"] not in ("elbo", "meanfield"):
         raise UserError(f"--kl-warmup and --free-bits apply to --objective elbo or meanfield, not "
                         f"{cfg['objective']!r} (the importance-weighted bound has no separate KL term)")
+
+
+def _check_training_options(cfg):
+    """Adam's settings, clipping, early stopping and the schedule (whose defaults are filled in, in place)."""
+    betas = cfg["adam_betas"]
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and 0 <= b < 1 for b in betas):
+        raise UserError(f"--adam-betas must be two numbers in [0, 1) like 0.9,0.999; got {betas!r}")
+    cfg["adam_betas"] = [float(b) for b in betas]
+    for key, positive in (("adam_eps", True), ("clip_grad_norm", False), ("min_delta", False)):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value < 0 or (positive and value == 0):
+            raise UserError(f"--{key.replace('_', '-')} must be a {'positive' if positive else 'non-negative'} "
+                            f"finite number, got {value!r}")
+        cfg[key] = float(value)
+    cfg.update(resolve_schedule_options(cfg))
 
 
 def read_fit_config(path):
@@ -272,7 +305,12 @@ def _resume(out, options, progress, log, ctx=None):
                             f"there is nothing to resume; delete {out} and fit again")
         state = load_checkpoint(out / "checkpoint.pt")
         if options.get("epochs") is not None:
-            config["epochs"] = check_count("--epochs", int(options["epochs"]))
+            epochs = check_count("--epochs", int(options["epochs"]))
+            if epochs != config["epochs"] and config.get("schedule", "constant") in DEPENDS_ON_LENGTH:
+                raise UserError(f"{out} uses the {config['schedule']} schedule, laid out over its {config['epochs']} "
+                                f"epochs; resuming with --epochs {epochs} would change the learning rates already "
+                                f"used. Resume without --epochs, or fit a new run with --epochs {epochs}")
+            config["epochs"] = epochs
         device = ctx.device if ctx is not None else resolve_device(options.get("device") or config["device"])
         data_cfg = config["data"]
         splits = load_dataset(data_cfg["name"], data_cfg.get("data_dir"), data_cfg.get("binarize", "none")).to(device)
@@ -288,7 +326,11 @@ def _resume(out, options, progress, log, ctx=None):
         info = inspect_model(lvm, splits.valid[:2] if len(splits.valid) else splits.train[:2])
         objective = get_objective(config["objective"], particles=config["particles"], model_info=info,
                                   **_remedy_options(config))
-        if state["epoch"] >= config["epochs"]:
+        stopped = (state.get("validation") or {}).get("stopped")
+        if stopped:
+            log(f"{out} stopped early after epoch {state['epoch']} (no better validation bound for "
+                f"{config.get('patience')} epochs); there is nothing to resume")
+        elif state["epoch"] >= config["epochs"]:
             log(f"{out} has finished all {config['epochs']} epochs; pass a larger --epochs to train longer")
         else:
             if ctx is None or ctx.is_main:
@@ -301,15 +343,24 @@ def _resume(out, options, progress, log, ctx=None):
     return load_run(out, device=str(device))
 
 
-def _as_run(run, device=None):
+def _as_run(run, device=None, checkpoint="auto"):
+    """``run`` itself (a loaded :class:`Run`, whatever checkpoint it holds), or the run directory loaded."""
     from .runs import Run
 
-    return run if isinstance(run, Run) else load_run(run, device=device)
+    if isinstance(run, Run):
+        if checkpoint in ("auto", run.checkpoint):
+            return run
+        return load_run(run.path, device=device or str(run.device), checkpoint=checkpoint)
+    return load_run(run, device=device, checkpoint=checkpoint)
 
 
 def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_size=100,
-             max_memory_mb=1024, seed=0, device=None, record=True, distributed=False, **estimator_options):
+             max_memory_mb=1024, seed=0, device=None, record=True, distributed=False, checkpoint="auto",
+             **estimator_options):
     """Estimate log p(x) per data point on a split; returns the JSON record of ``evaluate --json``.
+
+    ``checkpoint`` (for a run directory): ``best``, ``last`` or ``auto`` (:func:`pyro_lvm.runs.choose_checkpoint`:
+    best for a run fit with early stopping, else last); the record names the one used and its epoch.
 
     ``distributed=True``: this process is one of ``torchrun``'s ranks; the points are sharded over the
     ranks and the per-point estimates gathered (the same values as one process computes).
@@ -318,7 +369,7 @@ def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_
     from .estimators import ESTIMATORS, estimate_log_marginal
 
     ctx = context_for(distributed, device)
-    run = _as_run(run, str(ctx.device) if ctx is not None else device)
+    run = _as_run(run, str(ctx.device) if ctx is not None else device, checkpoint)
     if estimator not in ESTIMATORS:
         import difflib
 
@@ -358,15 +409,16 @@ def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_
     seconds = time.perf_counter() - started
     record_ = {"model": run.config["model"], "run": str(run.path), "split": split, "estimator": estimator,
                "samples": samples, "num_points": len(x), "log_px": result.log_px, "stderr": result.stderr,
-               "nll": -result.log_px, "seconds": round(seconds, 4), **extras}
+               "nll": -result.log_px, "seconds": round(seconds, 4), "checkpoint": run.checkpoint,
+               "checkpoint_epoch": run.checkpoint_epoch, **extras}
     if record and (ctx is None or ctx.is_main):
         run.record_evaluation(record_)
     return record_
 
 
-def sample(run, n=64, out=None, seed=0, device=None):
+def sample(run, n=64, out=None, seed=0, device=None, checkpoint="auto"):
     """Draw ``n`` data points from the fitted model; an image grid (PNG) or a CSV. Returns the path."""
-    run = _as_run(run, device)
+    run = _as_run(run, device, checkpoint)
     if int(n) < 1:
         raise UserError(f"-n must be at least 1, got {n}")
     check_count("-n", int(n))
@@ -397,20 +449,20 @@ def sample(run, n=64, out=None, seed=0, device=None):
     return out
 
 
-def diagnose(run, split="test", device=None, **options):
+def diagnose(run, split="test", device=None, checkpoint="auto", **options):
     """KL per latent dimension, active units, mutual information and a collapse verdict (a dict)."""
     from .diagnostics import diagnose_run
 
     if options.get("is_samples") is not None:  # 0 (or less) skips the importance-sampling gap
         check_count("--is-samples", int(options["is_samples"]), minimum=-MAX_COUNT)
-    return diagnose_run(_as_run(run, device), split=split, **options)
+    return diagnose_run(_as_run(run, device, checkpoint), split=split, **options)
 
 
-def report(run, out=None, split="test", device=None):
+def report(run, out=None, split="test", device=None, checkpoint="auto"):
     """Write the HTML report of a run (figures beside it); returns the path of ``index.html``."""
     from .reporting import write_report
 
-    run = _as_run(run, device)
+    run = _as_run(run, device, checkpoint)
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the report")
     return write_report(run, Path(out) if out else None, split=split)
