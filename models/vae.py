@@ -16,10 +16,10 @@ and ``x``, each conditional an MLP with ``intermediate_hidden`` (100, 100) units
 
 .. math::
 
-    p(z) = \mathcal{N}(0, I), \quad p(h \mid z) = \mathcal{N}(\mu(z), \operatorname{diag} \sigma(z)^2),
-    \quad p(x \mid h); \qquad q(h \mid x)\, q(z \mid h), \ \text{both diagonal Gaussians}.
- ``architecture="conv"`` replaces the
-MLPs by small strided convolution stacks for images ``(C, H, W)`` (``hidden`` then gives the fully
+    p(z) = \\mathcal{N}(0, I), \\quad p(h \\mid z) = \\mathcal{N}(\\mu(z), \\operatorname{diag} \\sigma(z)^2),
+    \\quad p(x \\mid h); \\qquad q(h \\mid x)\\, q(z \\mid h), \\ \\text{both diagonal Gaussians}.
+
+``architecture="conv"`` replaces the x-facing MLPs by small strided convolution stacks for images ``(C, H, W)`` (``hidden`` then gives the fully
 connected widths between the convolutions and ``z``). The encoder is only a proposal: log p(x) is
 estimated with the toolkit's estimators, the ELBO is a lower bound on it.
 """

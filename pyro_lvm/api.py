@@ -11,6 +11,7 @@
 import json
 import math
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -235,15 +236,73 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"run directory {out} already exists; pass --resume to continue it or choose another --out")
 
-    cfg = {**FIT_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    cfg["data"] = data or default_data_for(model)
-    _check_options(cfg)
+    explicit = {k: v for k, v in options.items() if v is not None}
+    cfg = {**FIT_DEFAULTS, **explicit, "data": data or default_data_for(model)}
+    _check_options(cfg)  # the user's own options first, before the model file is imported
     device = ctx.device if ctx is not None else resolve_device(cfg["device"])
     cls = load_model_class(model)
+    model_defaults = _model_fit_defaults(cls)
+    if model_defaults:
+        cfg = {**FIT_DEFAULTS, **model_defaults, **explicit, "data": cfg["data"]}
+        _check_options(cfg)
+    if ctx is not None and (cfg["restarts"] > 1 or cfg["patience"] > 0):
+        raise UserError("--restarts and --patience are not available with --distributed (rank 0 alone validates); "
+                        "fit without --distributed, or without them")
     hparams = resolve_hyperparameters(cls, hyperparameters)
+    lvm, splits, objective, binarize = _prepare(cls, hparams, cfg, cfg["seed"], device)
+    if cfg["patience"] > 0 and not len(splits.valid):
+        raise UserError(f"--patience stops on the validation bound, and {cfg['data']} has no validation split; "
+                        f"give data with one, or leave --patience out")
 
+    config = {
+        "model": _resolve_model_spec(model), "model_class": cls.__name__, "hyperparameters": hparams,
+        "data": {"name": _resolve_data_name(cfg["data"]),
+                 "data_dir": str(Path(cfg["data_dir"]).resolve()) if cfg["data_dir"] else None,
+                 "binarize": binarize, "shape": list(splits.data_shape), "sizes": splits.sizes(),
+                 "source": splits.source},
+        **{k: cfg[k] for k in FIT_DEFAULTS if k not in ("data", "data_dir", "binarize", "hyperparameters")},
+        "versions": _versions(),
+    }
+    # The run directory appears only now that every input has been checked (by every rank).
+    if ctx is not None:
+        ctx.barrier()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = run_lock(ctx, out)
+    try:
+        if ctx is None or ctx.is_main:
+            atomic_write_json(out / "config.json", config)
+        log(f"fitting {cls.__name__} on {cfg['data']} ({splits.sizes()['train']} points, {device}) -> {out}")
+        if config["restarts"] > 1:
+            _fit_restarts(out, config, cls, device, (lvm, splits, objective), {}, progress, log)
+        else:
+            train(lvm, splits, objective, config, out, progress=progress, log=log, distributed=ctx)
+    finally:
+        lock.release()
+    return load_run(out, device=str(device))
+
+
+def _model_fit_defaults(cls):
+    """The model class's own ``fit_defaults`` (a dict of fit options), checked; ``{}`` if it has none."""
+    defaults = getattr(cls, "fit_defaults", None)
+    if defaults is None:
+        return {}
+    if not isinstance(defaults, dict):
+        raise UserError(f"{cls.__name__}.fit_defaults must be a dict of fit options, got {type(defaults).__name__}")
+    unknown = set(defaults) - (set(FIT_DEFAULTS) - {"data", "data_dir", "hyperparameters", "device"})
+    if unknown:
+        raise UserError(f"{cls.__name__}.fit_defaults has unknown option(s) {', '.join(sorted(unknown))}; "
+                        f"use the names of pyro_lvm.fit's options")
+    return dict(defaults)
+
+
+def _prepare(cls, hparams, cfg, seed, device):
+    """The model (seeded by ``seed``, data-initialized), its data splits on ``device`` and its objective.
+
+    Returns ``(lvm, splits, objective, binarize)``; everything a fit needs is checked here, before
+    any file is written.
+    """
     raw = load_dataset(cfg["data"], cfg["data_dir"], "none")
-    pyro.set_rng_seed(cfg["seed"])
+    pyro.set_rng_seed(seed)
     lvm = build_model(cls, raw.data_shape, hparams, device)
     binarize = _choose_binarization(cfg["binarize"], lvm, raw)
     splits = raw if binarize == "none" else load_dataset(cfg["data"], cfg["data_dir"], binarize)
@@ -264,29 +323,39 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
     if hasattr(lvm, "initialize"):
         with torch.no_grad():
             lvm.initialize(splits.train if binarize != "dynamic" else torch.bernoulli(splits.train))
+    return lvm, splits, objective, binarize
 
-    config = {
-        "model": _resolve_model_spec(model), "model_class": cls.__name__, "hyperparameters": hparams,
-        "data": {"name": _resolve_data_name(cfg["data"]),
-                 "data_dir": str(Path(cfg["data_dir"]).resolve()) if cfg["data_dir"] else None,
-                 "binarize": binarize, "shape": list(splits.data_shape), "sizes": splits.sizes(),
-                 "source": splits.source},
-        **{k: cfg[k] for k in FIT_DEFAULTS if k not in ("data", "data_dir", "binarize", "hyperparameters")},
-        "versions": _versions(),
-    }
-    # The run directory appears only now that every input has been checked (by every rank).
-    if ctx is not None:
-        ctx.barrier()
-    out.mkdir(parents=True, exist_ok=True)
-    lock = run_lock(ctx, out)
-    try:
-        if ctx is None or ctx.is_main:
-            atomic_write_json(out / "config.json", config)
-        log(f"fitting {cls.__name__} on {cfg['data']} ({splits.sizes()['train']} points, {device}) -> {out}")
-        train(lvm, splits, objective, config, out, progress=progress, log=log, distributed=ctx)
-    finally:
-        lock.release()
-    return load_run(out, device=str(device))
+
+def _fit_restarts(out, config, cls, device, first, resume_options, progress, log):
+    """``config["restarts"]`` fits of the run, each in ``RUN/restarts/R`` with seed ``seed + R``; the best
+    by validation bound becomes the run's checkpoint (:mod:`pyro_lvm.training.restarts`).
+
+    ``first``: the prepared ``(lvm, splits, objective)`` of restart 0, or None. A restart that was
+    started already is resumed (``resume_options``: ``epochs``, ``device``), one that is finished is kept.
+    """
+    from .training.restarts import restart_config, restart_dir, select_restart
+
+    for r in range(config["restarts"]):
+        sub = restart_dir(out, r)
+        sub_config = restart_config(config, r)
+        if (sub / "checkpoint.pt").is_file():
+            _resume(sub, resume_options, progress, log)
+            continue
+        if sub.exists():  # stopped before its first checkpoint: nothing in it to keep
+            shutil.rmtree(sub)
+        if r == 0 and first is not None:
+            lvm, splits, objective = first
+        else:
+            data = {**config["data"]}
+            cfg = {**config, "data": data["name"], "data_dir": data["data_dir"], "binarize": data["binarize"]}
+            lvm, splits, objective, _ = _prepare(cls, config["hyperparameters"], cfg, sub_config["seed"], device)
+        sub.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(sub / "config.json", sub_config)
+        log(f"restart {r + 1}/{config['restarts']} (seed {sub_config['seed']}) -> {sub}")
+        train(lvm, splits, objective, sub_config, sub, progress=progress, log=log)
+    chosen = select_restart(out, config)
+    log(f"restart {chosen['restart'] + 1} of {config['restarts']} kept (seed {chosen['seed']}, "
+        f"{chosen['selected_by']} {chosen['score']:.4f})")
 
 
 def _remedy_options(config):
@@ -294,23 +363,48 @@ def _remedy_options(config):
     return {key: config.get(key, FIT_DEFAULTS[key]) for key in ("kl_warmup", "free_bits", "kl_warmup_start")}
 
 
+def _resumed_epochs(out, config, options):
+    """The epochs of a resumed run: its own, or a new ``--epochs`` where its schedule allows one."""
+    if options.get("epochs") is None:
+        return config["epochs"]
+    epochs = check_count("--epochs", int(options["epochs"]))
+    if epochs != config["epochs"] and config.get("schedule", "constant") in DEPENDS_ON_LENGTH:
+        raise UserError(f"{out} uses the {config['schedule']} schedule, laid out over its {config['epochs']} "
+                        f"epochs; resuming with --epochs {epochs} would change the learning rates already "
+                        f"used. Resume without --epochs, or fit a new run with --epochs {epochs}")
+    return epochs
+
+
+def _resume_restarts(out, config, options, progress, log):
+    from .training.distributed import run_lock
+
+    lock = run_lock(None, out)
+    try:
+        config["epochs"] = _resumed_epochs(out, config, options)
+        device = resolve_device(options.get("device") or config["device"])
+        cls = load_model_class(config["model"])
+        atomic_write_json(out / "config.json", config)
+        _fit_restarts(out, config, cls, device, None, options, progress, log)
+    finally:
+        lock.release()
+    return load_run(out, device=str(device))
+
+
 def _resume(out, options, progress, log, ctx=None):
     from .training.distributed import run_lock
 
     config = read_config(out)
+    if int(config.get("restarts") or 1) > 1:
+        if ctx is not None:
+            raise UserError("--restarts is not available with --distributed; resume without --distributed")
+        return _resume_restarts(out, config, options, progress, log)
     lock = run_lock(ctx, out)
     try:
         if not (out / "checkpoint.pt").is_file():
             raise UserError(f"{out} has no checkpoint yet: its fit stopped before writing the first one, so "
                             f"there is nothing to resume; delete {out} and fit again")
         state = load_checkpoint(out / "checkpoint.pt")
-        if options.get("epochs") is not None:
-            epochs = check_count("--epochs", int(options["epochs"]))
-            if epochs != config["epochs"] and config.get("schedule", "constant") in DEPENDS_ON_LENGTH:
-                raise UserError(f"{out} uses the {config['schedule']} schedule, laid out over its {config['epochs']} "
-                                f"epochs; resuming with --epochs {epochs} would change the learning rates already "
-                                f"used. Resume without --epochs, or fit a new run with --epochs {epochs}")
-            config["epochs"] = epochs
+        config["epochs"] = _resumed_epochs(out, config, options)
         device = ctx.device if ctx is not None else resolve_device(options.get("device") or config["device"])
         data_cfg = config["data"]
         splits = load_dataset(data_cfg["name"], data_cfg.get("data_dir"), data_cfg.get("binarize", "none")).to(device)
@@ -323,7 +417,10 @@ def _resume(out, options, progress, log, ctx=None):
                             f"({str(err).splitlines()[0][:160]})") from None
         from .objectives import get_objective
 
-        info = inspect_model(lvm, splits.valid[:2] if len(splits.valid) else splits.train[:2])
+        probe = splits.valid[:2] if len(splits.valid) else splits.train[:2]
+        if not len(splits.valid) and splits.binarize == "dynamic":
+            probe = torch.bernoulli(probe)  # the RNG state is the checkpoint's from here on
+        info = inspect_model(lvm, probe)
         objective = get_objective(config["objective"], particles=config["particles"], model_info=info,
                                   **_remedy_options(config))
         stopped = (state.get("validation") or {}).get("stopped")

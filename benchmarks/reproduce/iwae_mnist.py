@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -94,9 +95,9 @@ def protocol_data(data_dir, out):
         train = torchvision.datasets.MNIST(data_dir, train=True, download=False).data.numpy()
         test = torchvision.datasets.MNIST(data_dir, train=False, download=False).data.numpy()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")  # rows started together each write their own
         np.savez(tmp, train=train, valid=np.zeros((0, 28, 28), np.uint8), test=test)
-        tmp.rename(path)
+        os.replace(tmp, path)
     return path
 
 
