@@ -41,7 +41,7 @@ class MixtureOfGaussians(PyroModule):
     # settle at the maximum instead of circling it.
     fit_defaults = {"batch_size": 10_000, "schedule": "cosine"}
 
-    def __init__(self, data_shape, num_components=2, covariance="full", init_starts=10, init_em_iterations=1000):
+    def __init__(self, data_shape, num_components=2, covariance="full", init_starts=10, init_em_iterations=200):
         super().__init__()
         if len(data_shape) != 1:
             raise ValueError(f"a Gaussian mixture models vectors, data_shape (D,); got {tuple(data_shape)}")
@@ -98,7 +98,9 @@ class MixtureOfGaussians(PyroModule):
         """Best of ``init_starts`` greedy k-means++ starts, each refined by EM, on standardized data.
 
         Standardizing first makes the clustering independent of the units of each column (Old
-        Faithful's eruption times are minutes, its waiting times tens of minutes). The starts draw
+        Faithful's eruption times are minutes, its waiting times tens of minutes). Beyond 2,000
+        points the starts are compared on a random subset of 2,000, and the best one is refined by EM
+        on up to 10,000. The starts draw
         from the global RNG (which ``fit --seed`` seeds), or from a generator seeded by ``seed``.
         """
         x = x.reshape(x.shape[0], -1)
@@ -108,13 +110,20 @@ class MixtureOfGaussians(PyroModule):
         mean = x.mean(0)
         std = x.std(0).clamp_min(1e-6) if n > 1 else x.new_ones(dim)
         u = ((x - mean) / std).double()
+        # On big data the starts are compared on a random subset and the best one refined on a larger
+        # one, so that the cost of EM stays bounded.
+        order = torch.randperm(n, generator=generator).to(u.device)
+        starts_on, refined_on = u[order[:_START_POINTS]], u[order[:_REFINE_POINTS]]
         best = None
         for _ in range(self.init_starts):
-            weights, locs, covariances, log_likelihood = _em(u, _kmeans(u, self.num_components, generator),
-                                                             self.init_em_iterations)
-            if best is None or log_likelihood > best[-1]:
-                best = weights, locs, covariances, log_likelihood
-        weights, locs, covariances, _ = best
+            assignment = _kmeans(starts_on, self.num_components, generator)
+            result = _em(starts_on, assignment, self.init_em_iterations)
+            if best is None or result[-1] > best[0][-1]:
+                best = result, assignment
+        weights, locs, covariances, _ = best[0]
+        if len(refined_on) > len(starts_on):
+            nearest = torch.cdist(refined_on, locs).argmin(-1)  # hard assignments to the chosen means
+            weights, locs, covariances, _ = _em(refined_on, nearest, self.init_em_iterations)
         # Back to the data's units: x = mean + std * u.
         scale = std.double()
         self.weights = weights.to(x.dtype)
@@ -130,6 +139,8 @@ class MixtureOfGaussians(PyroModule):
 # reg_covar: it keeps a component on a few collinear points invertible.
 _REG_COVAR = 1e-6
 _EM_TOLERANCE = 1e-7  # change of the log-likelihood per point that ends the EM refinement
+_START_POINTS = 2_000  # at most this many points (a random subset) compare the starts
+_REFINE_POINTS = 10_000  # and this many refine the best one
 
 
 def _kmeans(u, k, generator, iterations=100):
@@ -174,13 +185,17 @@ def _em(u, assignment, iterations):
         counts = responsibilities.sum(0)
         weights = (counts + 1e-10) / (n + k * 1e-10)
         locs = responsibilities.T @ u / counts.clamp_min(1e-10)[:, None]
-        centred = u.unsqueeze(0) - locs.unsqueeze(1)
-        covariances = torch.einsum("nk,kni,knj->kij", responsibilities, centred, centred)
+        centred = u.unsqueeze(0) - locs.unsqueeze(1)  # [k, n, D]
+        covariances = (responsibilities.T.unsqueeze(-1) * centred).transpose(-1, -2) @ centred
         covariances = covariances / counts.clamp_min(1e-10)[:, None, None] + _REG_COVAR * eye
         if step == 0:  # the clusters of k-means: too few members give no usable covariance
             covariances = torch.where((counts > dim)[:, None, None], covariances, all_points)
-        log_joint = torch.distributions.MultivariateNormal(locs, covariance_matrix=covariances).log_prob(
-            u.unsqueeze(-2)) + weights.log()
+        # log N(u | loc_k, Sigma_k) through the Cholesky factor, for all points and components at once
+        tril = torch.linalg.cholesky(covariances)
+        whitened = torch.linalg.solve_triangular(tril, centred.transpose(-1, -2), upper=False)  # [k, D, n]
+        log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        log_joint = (-0.5 * whitened.pow(2).sum(-2) - log_det[:, None] - 0.5 * dim * math.log(2 * math.pi)).T \
+            + weights.log()
         log_likelihood = torch.logsumexp(log_joint, -1).mean().item()
         if step == iterations or abs(log_likelihood - previous) < _EM_TOLERANCE:
             break

@@ -217,7 +217,11 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
     ``options`` are those of ``pyro-lvm fit``: ``data_dir``, ``binarize`` (auto, none, static,
     dynamic), ``objective``, ``particles``, ``epochs``, ``batch_size``, ``lr``, ``seed``,
     ``device``, ``checkpoint_every``, ``checkpoint_minutes``, ``on_nan``, ``cuda_graph``, and the posterior-collapse
-    remedies ``kl_warmup`` (steps), ``kl_warmup_start`` and ``free_bits`` (nats per dimension). Everything is checked
+    remedies ``kl_warmup`` (steps), ``kl_warmup_start`` and ``free_bits`` (nats per dimension); the training
+    options ``schedule`` (:mod:`pyro_lvm.training.schedules`) with ``lr_decay``, ``lr_step``, ``lr_min``,
+    ``adam_betas``, ``adam_eps``, ``clip_grad_norm``, early stopping ``patience`` and ``min_delta``
+    (:mod:`pyro_lvm.training.checkpoints`) and ``restarts`` (:mod:`pyro_lvm.training.restarts`). A model
+    class's ``fit_defaults`` replace the defaults of those it names. Everything is checked
     before the run directory is created; with ``resume=True`` the run continues from its checkpoint
     and the stored configuration (``epochs`` may be raised to train longer). ``distributed=True``:
     this process is one of ``torchrun``'s ranks, training data-parallel (:mod:`pyro_lvm.training.distributed`).

@@ -16,7 +16,6 @@ decides, and ``restarts.json`` says so.
 ``--resume`` continues the restart that was interrupted and starts those not yet begun.
 """
 
-import json
 import math
 from pathlib import Path
 
@@ -68,5 +67,5 @@ def select_restart(run_dir, config):
         elif (run_dir / name).is_file():
             (run_dir / name).unlink()
     atomic_write_json(run_dir / "restarts.json", {"chosen": chosen["restart"], "selected_by": chosen["selected_by"],
-                                                  "restarts": json.loads(json.dumps(rows, default=float))})
+                                                  "restarts": rows})
     return chosen
