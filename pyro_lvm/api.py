@@ -8,7 +8,6 @@
     pyro_lvm.sample(run, n=64, out="samples.png")
 """
 
-import json
 import math
 import platform
 import shutil
@@ -19,11 +18,13 @@ from pathlib import Path
 import pyro
 import torch
 
-from . import __version__
+from . import __version__, files, outputs, resources, schema
 from .data import BINARIZATIONS, load_dataset
 from .errors import UserError
-from .protocol import build_model, check_support, inspect_model, load_model_class, resolve_hyperparameters
-from .runs import atomic_write_json, load_checkpoint, load_run, read_config
+from .protocol import build_model, check_support, hyperparameters as model_hyperparameters, inspect_model, \
+    load_model_class, resolve_hyperparameters
+from .runs import (atomic_write_json, check_data_fingerprint, check_resume_options, check_resume_state,
+                   create_run_directory, load_checkpoint, load_run, read_config)
 from .device import resolve_device
 from .training import ON_NAN, train
 from .training.schedules import DEPENDS_ON_LENGTH, resolve_schedule_options
@@ -95,11 +96,12 @@ def _versions():
 
 def _resolve_model_spec(spec):
     """Zoo names stay names; file paths become absolute so ``--config`` works from anywhere."""
-    spec = str(spec)
-    target, sep, cls = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    from .protocol import split_model_spec
+
+    target, cls = split_model_spec(spec)
     if target.endswith(".py") or "/" in target:
-        return str(Path(target).resolve()) + (sep + cls if sep else "")
-    return spec
+        return str(Path(target).resolve()) + (":" + cls if cls else "")
+    return str(spec)
 
 
 def _resolve_data_name(name):
@@ -186,14 +188,10 @@ def read_fit_config(path):
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
+    if files.kind(path, follow=True) is None:
         raise UserError(f"config file {str(path)!r} does not exist; give RUN/config.json of an earlier fit")
-    try:
-        stored = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is not valid JSON; give RUN/config.json of an earlier fit") from None
-    if not isinstance(stored, dict):
-        raise UserError(f"{path} must hold a JSON object of fit options")
+    stored = files.read_json(path, follow=True, fix="give RUN/config.json of an earlier fit")
+    schema.validate_config(stored, path, partial=True)
     options = {k: stored[k] for k in FIT_DEFAULTS if k in stored and k not in ("data", "data_dir", "binarize")}
     data = stored.get("data")
     if isinstance(data, dict):
@@ -227,7 +225,7 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
     this process is one of ``torchrun``'s ranks, training data-parallel (:mod:`pyro_lvm.training.distributed`).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    from .training.distributed import context_for, run_lock
+    from .training.distributed import context_for
 
     ctx = context_for(distributed, options.get("device"))
     log = ctx.main_only(log) if ctx is not None else log
@@ -236,10 +234,15 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
         raise UserError(f"unknown fit option(s) {', '.join(sorted(unknown))}; see pyro-lvm fit --help")
     out = Path(out)
     if resume:
-        return _resume(out, options, progress, log, ctx)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"run directory {out} already exists; pass --resume to continue it or choose another --out")
+        return _resume(out, options, progress, log, ctx, model=model, data=data, hyperparameters=hyperparameters)
+    # The run directory is created and locked before anything else, so that of two fits on one --out
+    # exactly one proceeds; a fit refused before it begins removes what it created.
+    with create_run_directory(out, main=ctx is None or ctx.is_main) as run_dir:
+        return _fit_new_run(model, data, out, run_dir, hyperparameters, options, progress, log, ctx)
 
+
+def _fit_new_run(model, data, out, run_dir, hyperparameters, options, progress, log, ctx):
+    """The body of :func:`fit` for a new run, inside its created and locked ``run_dir``."""
     explicit = {k: v for k, v in options.items() if v is not None}
     cfg = {**FIT_DEFAULTS, **explicit, "data": data or default_data_for(model)}
     _check_options(cfg)  # the user's own options first, before the model file is imported
@@ -263,25 +266,21 @@ def fit(model, data=None, *, out, resume=False, hyperparameters=None, progress=T
         "data": {"name": _resolve_data_name(cfg["data"]),
                  "data_dir": str(Path(cfg["data_dir"]).resolve()) if cfg["data_dir"] else None,
                  "binarize": binarize, "shape": list(splits.data_shape), "sizes": splits.sizes(),
-                 "source": splits.source},
+                 "source": splits.source, "fingerprint": splits.fingerprint},
         **{k: cfg[k] for k in FIT_DEFAULTS if k not in ("data", "data_dir", "binarize", "hyperparameters")},
         "versions": _versions(),
     }
-    # The run directory appears only now that every input has been checked (by every rank).
+    # The run begins only now that every input has been checked (by every rank).
     if ctx is not None:
         ctx.barrier()
-    out.mkdir(parents=True, exist_ok=True)
-    lock = run_lock(ctx, out)
-    try:
-        if ctx is None or ctx.is_main:
-            atomic_write_json(out / "config.json", config)
-        log(f"fitting {cls.__name__} on {cfg['data']} ({splits.sizes()['train']} points, {device}) -> {out}")
-        if config["restarts"] > 1:
-            _fit_restarts(out, config, cls, device, (lvm, splits, objective), {}, progress, log)
-        else:
-            train(lvm, splits, objective, config, out, progress=progress, log=log, distributed=ctx)
-    finally:
-        lock.release()
+    run_dir.begin()
+    if ctx is None or ctx.is_main:
+        atomic_write_json(out / "config.json", config)
+    log(f"fitting {cls.__name__} on {cfg['data']} ({splits.sizes()['train']} points, {device}) -> {out}")
+    if config["restarts"] > 1:
+        _fit_restarts(out, config, cls, device, (lvm, splits, objective), {}, progress, log)
+    else:
+        train(lvm, splits, objective, config, out, progress=progress, log=log, distributed=ctx)
     return load_run(out, device=str(device))
 
 
@@ -313,6 +312,9 @@ def _prepare(cls, hparams, cfg, seed, device):
     splits = splits.to(device)
     probe = splits.train[:2] if binarize != "dynamic" else torch.bernoulli(splits.train[:2])
     info = inspect_model(lvm, probe)
+    resources.check_latent_sizes(info, cls.__name__)
+    resources.check_training_memory(info, splits.data_shape, cfg["batch_size"], cfg["particles"], device,
+                                    len(splits.train))
     for split_name in ("train", "valid", "test"):
         if not (split_name == "train" and binarize == "dynamic"):
             check_support(info, getattr(splits, split_name), split_name)
@@ -367,6 +369,34 @@ def _remedy_options(config):
     return {key: config.get(key, FIT_DEFAULTS[key]) for key in ("kl_warmup", "free_bits", "kl_warmup_start")}
 
 
+def _resume_request(config, cls, model, data, hyperparameters, options):
+    """What a ``--resume`` asks for, keyed like ``config.json``: ``{key: (flag, value)}``, values
+    normalized as the stored ones are (for :func:`pyro_lvm.runs.check_resume_options`)."""
+    def same_name(given, stored):  # zoo and data set names are case- and dash-insensitive
+        key = str(given).replace("_", "-").lower()
+        return stored if isinstance(stored, str) and key == stored.replace("_", "-").lower() else given
+
+    requested = {}
+    if model not in (None, "-"):
+        requested["model"] = ("MODEL", same_name(_resolve_model_spec(model), config["model"]))
+    if data is not None:
+        requested["data.name"] = ("--data", same_name(_resolve_data_name(data), config["data"]["name"]))
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key == "data_dir":
+            requested["data.data_dir"] = ("--data-dir", str(Path(value).resolve()))
+        elif key == "binarize":
+            if value != "auto":  # auto picks from the model and data, which are checked themselves
+                requested["data.binarize"] = ("--binarize", value)
+        else:
+            requested[key] = ("--" + key.replace("_", "-"), value)
+    given = resolve_hyperparameters(cls, hyperparameters) if hyperparameters else {}
+    for key in (hyperparameters or {}):
+        requested[f"hyperparameters.{key}"] = (f"-p {key}", given[key])
+    return requested
+
+
 def _resumed_epochs(out, config, options):
     """The epochs of a resumed run: its own, or a new ``--epochs`` where its schedule allows one."""
     if options.get("epochs") is None:
@@ -379,46 +409,56 @@ def _resumed_epochs(out, config, options):
     return epochs
 
 
-def _resume_restarts(out, config, options, progress, log):
+def _resume_restarts(out, config, options, progress, log, model, data, hyperparameters):
+    """``--resume`` of a run with restarts: each restart resumed or begun, then the selection again."""
     from .training.distributed import run_lock
 
     lock = run_lock(None, out)
     try:
+        cls = load_model_class(config["model"])
+        schema.check_hyperparameters(cls, config["hyperparameters"], model_hyperparameters(cls), out / "config.json")
+        check_resume_options(config, _resume_request(config, cls, model, data, hyperparameters, options), out,
+                             defaults=FIT_DEFAULTS)
         config["epochs"] = _resumed_epochs(out, config, options)
         device = resolve_device(options.get("device") or config["device"])
-        cls = load_model_class(config["model"])
         atomic_write_json(out / "config.json", config)
-        _fit_restarts(out, config, cls, device, None, options, progress, log)
+        resume_options = {key: options[key] for key in ("epochs", "device") if options.get(key) is not None}
+        _fit_restarts(out, config, cls, device, None, resume_options, progress, log)
     finally:
         lock.release()
     return load_run(out, device=str(device))
 
 
-def _resume(out, options, progress, log, ctx=None):
+def _resume(out, options, progress, log, ctx=None, model=None, data=None, hyperparameters=None):
     from .training.distributed import run_lock
 
-    config = read_config(out)
+    config = read_config(out, for_resume=True)
     if int(config.get("restarts") or 1) > 1:
         if ctx is not None:
             raise UserError("--restarts is not available with --distributed; resume without --distributed")
-        return _resume_restarts(out, config, options, progress, log)
+        return _resume_restarts(out, config, options, progress, log, model, data, hyperparameters)
     lock = run_lock(ctx, out)
     try:
-        if not (out / "checkpoint.pt").is_file():
+        if files.kind(out / "checkpoint.pt") is None:
             raise UserError(f"{out} has no checkpoint yet: its fit stopped before writing the first one, so "
                             f"there is nothing to resume; delete {out} and fit again")
-        state = load_checkpoint(out / "checkpoint.pt")
+        state = load_checkpoint(out / "checkpoint.pt", for_resume=True)
+        cls = load_model_class(config["model"])
+        schema.check_hyperparameters(cls, config["hyperparameters"], model_hyperparameters(cls), out / "config.json")
+        check_resume_options(config, _resume_request(config, cls, model, data, hyperparameters, options), out,
+                             defaults=FIT_DEFAULTS)
         config["epochs"] = _resumed_epochs(out, config, options)
         device = ctx.device if ctx is not None else resolve_device(options.get("device") or config["device"])
         data_cfg = config["data"]
         splits = load_dataset(data_cfg["name"], data_cfg.get("data_dir"), data_cfg.get("binarize", "none")).to(device)
-        cls = load_model_class(config["model"])
+        check_data_fingerprint(config, splits, out)
         lvm = build_model(cls, splits.data_shape, config["hyperparameters"], device)
         try:
             lvm.load_state_dict(state["model"])
         except (RuntimeError, KeyError) as err:
             raise UserError(f"{out / 'checkpoint.pt'} does not match the model in config.json "
                             f"({str(err).splitlines()[0][:160]})") from None
+        check_resume_state(state, config, out, lvm, -(-len(splits.train) // min(config["batch_size"], len(splits.train))))
         from .objectives import get_objective
 
         probe = splits.valid[:2] if len(splits.valid) else splits.train[:2]
@@ -427,8 +467,7 @@ def _resume(out, options, progress, log, ctx=None):
         info = inspect_model(lvm, probe)
         objective = get_objective(config["objective"], particles=config["particles"], model_info=info,
                                   **_remedy_options(config))
-        stopped = (state.get("validation") or {}).get("stopped")
-        if stopped:
+        if (state.get("validation") or {}).get("stopped"):
             log(f"{out} stopped early after epoch {state['epoch']} (no better validation bound for "
                 f"{config.get('patience')} epochs); there is nothing to resume")
         elif state["epoch"] >= config["epochs"]:
@@ -456,15 +495,20 @@ def _as_run(run, device=None, checkpoint="auto"):
 
 
 def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_size=100,
-             max_memory_mb=1024, seed=0, device=None, record=True, distributed=False, checkpoint="auto",
-             **estimator_options):
+             max_memory_mb=1024, seed=0, device=None, record=True, distributed=False, target_mc_error=None,
+             max_samples=None, progress=True, checkpoint="auto", **estimator_options):
     """Estimate log p(x) per data point on a split; returns the JSON record of ``evaluate --json``.
 
     ``checkpoint`` (for a run directory): ``best``, ``last`` or ``auto`` (:func:`pyro_lvm.runs.choose_checkpoint`:
     best for a run fit with early stopping, else last); the record names the one used and its epoch.
 
-    ``distributed=True``: this process is one of ``torchrun``'s ranks; the points are sharded over the
-    ranks and the per-point estimates gathered (the same values as one process computes).
+    ``estimator_options`` are AIS's (``ais_steps``, ``proposal``, ``bdmc_points``, and the others of
+    :data:`pyro_lvm.estimators.ais.AIS_OPTIONS`). ``target_mc_error=EPS`` doubles the particles of
+    the points whose Monte Carlo standard error exceeds EPS, up to ``max_samples`` per point
+    (default 64 times ``samples``); the record then lists ``samples_per_point``. ``progress``: a bar
+    on stderr when it is a terminal. ``distributed=True``: this process is one of ``torchrun``'s
+    ranks; the points are sharded over the ranks and the per-point estimates gathered (the same
+    values as one process computes).
     """
     from .training.distributed import context_for, estimate_sharded
     from .estimators import ESTIMATORS, estimate_log_marginal
@@ -482,6 +526,8 @@ def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_
         raise UserError(f"--samples must be at least 1, got {samples}")
     check_count("--samples", samples)
     check_count("--batch-size", batch_size)
+    if max_samples is not None:
+        check_count("--max-samples", max_samples)
     check_seed(seed)
     x, _ = run.data.split(split)
     if limit is not None:
@@ -490,13 +536,26 @@ def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_
         x = x[:int(limit)]
     if len(x) == 0:
         raise UserError(f"the {split} split of {run.config['data']['name']} is empty; choose another --split")
-    bdmc_points = int(estimator_options.pop("bdmc_points", 0) or 0)
+    bdmc_points = estimator_options.pop("bdmc_points", None)
+    bdmc_points = 0 if bdmc_points is None else check_count("--bdmc-points", bdmc_points, minimum=0)
+    if "ais_steps" in estimator_options:
+        check_count("--ais-steps", estimator_options["ais_steps"])
+    if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)) or not max_memory_mb > 0:
+        raise UserError(f"--max-memory-mb must be a positive number of MiB, got {max_memory_mb!r}")
+    max_memory_mb = resources.memory_budget_mb(max_memory_mb, run.device)
     if estimator != "ais" and (estimator_options or bdmc_points):
         raise UserError(f"--ais-steps, --proposal and --bdmc-points apply to --estimator ais only (got {estimator})")
+    if estimator == "ais":  # every chain of every point of a batch at once
+        at_once = min(len(x), batch_size)
+        resources.check_memory(samples * at_once * resources.bytes_per_point(x.shape[1:]),
+                               f"ais with {samples} chains on {at_once} points at once",
+                               "lower --samples or --batch-size", x.device)
     started = time.perf_counter()
     estimate = estimate_log_marginal if ctx is None else (lambda *a, **k: estimate_sharded(ctx, *a, **k))
     result = estimate(run.model, x, estimator=estimator, num_samples=samples, batch_size=batch_size,
-                      max_memory_mb=max_memory_mb, seed=seed, **estimator_options)
+                      max_memory_mb=max_memory_mb, seed=seed, target_mc_error=target_mc_error,
+                      max_samples=max_samples, progress=progress and (ctx is None or ctx.is_main),
+                      **estimator_options)
     extras = dict(result.extras)
     if bdmc_points > 0:
         # The sandwich of Grosse et al. (2015): on data simulated from the model, forward AIS is a
@@ -508,10 +567,20 @@ def evaluate(run, split="test", estimator="is", samples=None, limit=None, batch_
         extras.update({"bdmc_lower": sandwich["lower"], "bdmc_upper": sandwich["upper"],
                        "bdmc_gap": sandwich["gap"], "bdmc_points": bdmc_points})
     seconds = time.perf_counter() - started
+    if target_mc_error is not None and result.samples_per_point is not None:
+        extras["samples_per_point"] = result.samples_per_point.tolist()
     record_ = {"model": run.config["model"], "run": str(run.path), "split": split, "estimator": estimator,
                "samples": samples, "num_points": len(x), "log_px": result.log_px, "stderr": result.stderr,
-               "nll": -result.log_px, "seconds": round(seconds, 4), "checkpoint": run.checkpoint,
-               "checkpoint_epoch": run.checkpoint_epoch, **extras}
+               "nll": -result.log_px, "seconds": round(seconds, 4), "mc_stderr": result.mc_stderr,
+               "checkpoint": run.checkpoint, "checkpoint_epoch": run.checkpoint_epoch, **extras}
+    # An undefined Monte Carlo error is None (JSON null), with its own reason, like an undefined k-hat.
+    for key in ("mc_stderr", "mc_stderr_max"):
+        value = record_.get(key)
+        if value is not None and not math.isfinite(value):
+            record_[key] = None
+            record_.setdefault("null_reason", {})[key] = (
+                "the Monte Carlo error is undefined: it needs at least two samples per point (--samples 2 or "
+                "more) and finite weights")
     if record and (ctx is None or ctx.is_main):
         run.record_evaluation(record_)
     return record_
@@ -531,22 +600,13 @@ def sample(run, n=64, out=None, seed=0, device=None, checkpoint="auto"):
         raise UserError(f"image samples are written as a picture; give --out FILE.png (got {out.name!r})")
     if not image and suffix != ".csv":
         raise UserError(f"vector samples are written as CSV; give --out FILE.csv (got {out.name!r})")
-    if not out.parent.is_dir():
-        raise UserError(f"folder {str(out.parent)!r} does not exist; create it or choose another --out")
+    outputs.check_sample_target(out, inside_run=out.parent.resolve() == Path(run.path).resolve())
+    resources.check_sampling_memory(run.data.data_shape, int(n), run.device)
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
         trace = pyro.poutine.trace(run.model.model).get_trace(None, num_samples=int(n))
     x = trace.nodes["x"]["value"].detach()
-    if image:
-        from torchvision.utils import save_image
-
-        save_image(x.float().cpu(), out, nrow=max(1, int(math.sqrt(int(n)))), padding=1, pad_value=0.5)
-    else:
-        import numpy as np
-
-        flat = x.reshape(len(x), -1).cpu().numpy()
-        header = ",".join(f"x{i}" for i in range(flat.shape[1]))
-        np.savetxt(out, flat, delimiter=",", header=header, comments="", fmt="%.6g")
+    outputs.write_samples(out, x, image, nrow=max(1, int(math.sqrt(int(n)))))
     return out
 
 

@@ -79,6 +79,16 @@ def _model_classes(module):
             and callable(getattr(obj, "model", None)) and callable(getattr(obj, "guide", None))]
 
 
+def split_model_spec(spec):
+    """``(file or module, class name or "")`` of ``path/file.py:Class``, ``pkg.mod:Class`` or a path;
+    a colon inside a folder name (``runs/a:b/model.py``) is part of the path, not a separator."""
+    spec = str(spec)
+    target, sep, class_name = spec.rpartition(":")
+    if not sep or "/" in class_name or "\\" in class_name or class_name.endswith(".py"):
+        return spec, ""
+    return target, class_name
+
+
 def load_model_class(spec):
     """Resolve a model name (zoo name, ``file.py:Class`` or ``pkg.mod:Class``) to its class."""
     spec = str(spec)
@@ -95,7 +105,7 @@ def load_model_class(spec):
             raise UserError(f"zoo file {zoo[key]} must define exactly one model class, found {len(classes)}")
         return classes[0]
 
-    target, _, class_name = spec.rpartition(":") if ":" in spec else (spec, ":", "")
+    target, class_name = split_model_spec(spec)
     if target.endswith(".py") or "/" in target or "\\" in target:
         module = _module_from_file(target, Path(target).stem)
     else:
@@ -185,42 +195,17 @@ def resolve_hyperparameters(cls, overrides):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
 
 
-def _available_memory_bytes(device):
-    """Memory a new model may take: free GPU memory on CUDA, else the host's available memory
-    (``MemAvailable``, Linux); None where it cannot be read."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _check_model_size(cls, data_shape, hparams, device):
-    """Refuse a model too large for the machine before allocating it.
+    """Refuse a model that is empty (a size hyperparameter of 0) or too large for the machine,
+    before allocating it (:func:`pyro_lvm.resources.check_model_size`: built once on the ``meta``
+    device, against the memory the container's limit leaves)."""
+    from .resources import check_model_size
 
-    The class is instantiated once on PyTorch's ``meta`` device, which records shapes and allocates
-    nothing, so ``-p hidden=1000000000`` is a one-line error instead of an allocation that the
-    operating system may grant lazily and then kill the process for.
-    """
     try:
-        with torch.device("meta"):
-            shell = cls(tuple(data_shape), **hparams)
-        tensors = list(shell.parameters()) + list(shell.buffers())
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    except Exception:  # noqa: BLE001 -- a model meta cannot build is checked by the real build
-        return
-    for where in {torch.device("cpu"), torch.device(device)}:  # built on the CPU, then moved
-        available = _available_memory_bytes(where)
-        if available is not None and nbytes > available:
-            raise UserError(f"{cls.__name__}{tuple(data_shape)} with {hparams or 'default hyperparameters'} has "
-                            f"{nbytes / 2 ** 30:.3g} GiB of parameters, more than the {available / 2 ** 30:.3g} GiB "
-                            f"free on {where}; choose smaller -p sizes")
+        defaults = {k: tuple(v) if isinstance(v, list) else v for k, v in hyperparameters(cls).items()}
+    except UserError:
+        defaults = None
+    check_model_size(cls, data_shape, hparams, device, defaults=defaults)
 
 
 def build_model(cls, data_shape, hparams=None, device="cpu"):

@@ -64,6 +64,10 @@ def test_the_iwae_schedule_is_the_papers_and_shortens_in_proportion():
 
 
 def test_schedule_options_are_checked(tmp_path):
+    from pyro_lvm import schema
+    from pyro_lvm.training.schedules import SCHEDULES
+
+    assert schema.SCHEDULE_CHOICES == SCHEDULES  # config.json's rule, kept below the training package
     for options, message in (({"schedule": "linear"}, "unknown --schedule"),
                              ({"schedule": "step", "lr_decay": 1.5}, "--lr-decay"),
                              ({"schedule": "cosine", "lr_decay": 0.5}, "applies to --schedule step or exponential"),

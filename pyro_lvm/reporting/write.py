@@ -18,6 +18,7 @@ import torch
 from ..diagnostics import diagnose_run, model_device
 from ..diagnostics.traces import chunks, seeded
 from ..errors import UserError
+from ..outputs import ReportFolder
 from . import figures
 from .decoding import decoder_means, draw_samples, flatten_codes, guide_latent_sites, posterior_means
 from .html import Section, render_page
@@ -26,6 +27,10 @@ NUM_RECONSTRUCTIONS = 32  # images: four rows of eight, each under its data row
 TRAVERSAL_DIMS = 8
 TRAVERSAL_STEPS = 9
 TRAVERSAL_RANGE = 3.0  # prior standard deviations either side
+
+#: Every file a report may write (``ReportFolder.check`` refuses to replace one it did not write).
+REPORT_FILES = ("index.html", "diagnostics.json", "curves.png", "samples.png", "reconstructions.png", "embedding.png",
+                "traversals.png", "kl_per_dim.png", "khat.png")
 
 DIAGNOSTIC_ROWS = (
     ("num_points", "data points"),
@@ -52,8 +57,19 @@ def write_report(run, out_dir=None, split="test", num_samples=64, khat_points=20
     ``khat_points`` data points of the split get ``khat_particles`` importance weights each for the
     Pareto k-hat figure. Everything random is seeded by ``seed``.
     """
-    out_dir = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(run.path) / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    final_dir = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(run.path) / "report"
+    run_path = pathlib.Path(run.path).resolve()
+    where = final_dir.parent.resolve() / final_dir.name  # links above the folder resolved, not the folder
+    inside_run = where == run_path or run_path in where.parents
+    # Written into a temporary folder, then moved into place whole; never over files it did not write.
+    with ReportFolder(final_dir, inside_run=inside_run, owned=out_dir is None) as folder:
+        folder.check(REPORT_FILES)
+        _write_report(run, folder.staging, split, num_samples, khat_points, khat_particles, seed)
+        folder.commit()
+    return final_dir / "index.html"
+
+
+def _write_report(run, out_dir, split, num_samples, khat_points, khat_particles, seed):
     lvm, data = run.model, run.data
     device = model_device(lvm)
     x = getattr(data, split, None)
@@ -91,9 +107,7 @@ def write_report(run, out_dir=None, split="test", num_samples=64, khat_points=20
         verdict, kind = diagnostics["verdict"], "collapsed" if diagnostics["collapsed"] else "used"
     else:
         verdict, kind = f"No latent-usage diagnostics: {diagnostics['error']}.", "unknown"
-    page = out_dir / "index.html"
-    page.write_text(render_page(title, subtitle, verdict, kind, [s for s in sections if s is not None]))
-    return page
+    (out_dir / "index.html").write_text(render_page(title, subtitle, verdict, kind, [s for s in sections if s is not None]))
 
 
 def _curves(metrics, out_dir):
