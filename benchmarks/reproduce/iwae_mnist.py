@@ -296,7 +296,7 @@ def run_row(args, row):
               "paper_passes": PAPER_PASSES, "paper_nll": PAPER.get(row), "eval_points": len(test),
               "eval_samples": args.eval_samples, "seed": args.seed, "device": _device_name(device),
               "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-              "date": time.strftime("%Y-%m-%d"), "commit": _commit(), "toolkit_nll": -toolkit.mean().item(),
+              "date": time.strftime("%Y-%m-%d"), "commit": args.commit, "toolkit_nll": -toolkit.mean().item(),
               "toolkit_stderr": toolkit.std().item() / math.sqrt(len(test)),
               "toolkit_train_bound": run.metrics[-1]["train_elbo"], "toolkit_train_seconds": toolkit_seconds,
               "toolkit_eval_seconds": toolkit_eval, "cuda_graph": bool(args.cuda_graph)}
@@ -381,6 +381,7 @@ def main(argv=None):
         print(table(args.table))
         return
     torch.set_num_threads(args.threads)
+    args.commit = _commit()  # the code this run imported, before anyone changes the checkout
     for row in args.row or list(PAPER):
         print(json.dumps(run_row(args, row)))
 
