@@ -29,6 +29,17 @@ def _hyperparameter(text):
     return key.strip(), value.strip()
 
 
+def _floats(text):
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas (like 0.9,0.999), got {text!r}") from None
+
+
+CHECKPOINT_HELP = ("which checkpoint to read: best (best validation bound), last, or auto (default: best for a run "
+                   "fit with --patience, last otherwise)")
+
+
 def _build_parser():
     parser = _Parser(prog="pyro-lvm", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -51,6 +62,23 @@ def _build_parser():
     fit.add_argument("--epochs", type=int, help="epochs (default 20)")
     fit.add_argument("--batch-size", type=int, help="minibatch size (default 100)")
     fit.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    fit.add_argument("--schedule", help="learning-rate schedule: constant (default), step, exponential, cosine, "
+                                        "iwae (3^i passes at lr*10^(-i/7), i=0..7, over --epochs)")
+    fit.add_argument("--lr-decay", type=float, metavar="GAMMA",
+                     help="step: times GAMMA every --lr-step epochs (default 0.1); exponential: per epoch (default 0.95)")
+    fit.add_argument("--lr-step", type=int, metavar="EPOCHS", help="step: epochs between decays (default 10)")
+    fit.add_argument("--lr-min", type=float, help="cosine: the final learning rate (default 0)")
+    fit.add_argument("--adam-betas", type=_floats, metavar="B1,B2", help="Adam's betas (default 0.9,0.999)")
+    fit.add_argument("--adam-eps", type=float, metavar="EPS",
+                     help="Adam's epsilon (default 1e-8), for the gradient of the loss scaled to all N training points")
+    fit.add_argument("--clip-grad-norm", type=float, metavar="MAX",
+                     help="clip the gradient to total norm MAX before each step (default 0: off)")
+    fit.add_argument("--patience", type=int, metavar="EPOCHS",
+                     help="early stopping: stop after EPOCHS epochs without a better validation bound (default 0: off)")
+    fit.add_argument("--min-delta", type=float, metavar="NATS",
+                     help="early stopping and the best checkpoint: the improvement per point that counts (default 0)")
+    fit.add_argument("--restarts", type=int, metavar="N",
+                     help="fit N initialisations (seeds SEED..SEED+N-1) and keep the best by validation bound (default 1)")
     fit.add_argument("--seed", type=int, help="random seed (default 0); a CPU run repeats exactly")
     fit.add_argument("--device", help="auto (default), cpu or cuda")
     fit.add_argument("--out", help="run directory (default: runs/MODEL-DATA)")
@@ -92,6 +120,7 @@ def _build_parser():
                           help="ais: also run BDMC on N points simulated from the model (lower and upper bound)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", help="override the run's device (auto, cpu, cuda)")
+    evaluate.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help=CHECKPOINT_HELP)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     sample = commands.add_parser("sample", help="draw data from a fitted model: image grid or CSV")
@@ -100,6 +129,7 @@ def _build_parser():
     sample.add_argument("--out", help="output file (default RUN/samples.png or RUN/samples.csv)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device")
+    sample.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help=CHECKPOINT_HELP)
 
     diagnose = commands.add_parser("diagnose", help="KL per dimension, active units, mutual information, collapse")
     diagnose.add_argument("run", metavar="RUN")
@@ -107,6 +137,7 @@ def _build_parser():
     diagnose.add_argument("--is-samples", type=int, default=100,
                           help="importance samples for the ELBO-to-log p(x) gap (0 to skip; default 100)")
     diagnose.add_argument("--device")
+    diagnose.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help=CHECKPOINT_HELP)
     diagnose.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     report = commands.add_parser("report", help="write an HTML report with figures")
@@ -114,6 +145,7 @@ def _build_parser():
     report.add_argument("--out", help="folder (default RUN/report)")
     report.add_argument("--split", default="test", choices=["test", "valid", "train"])
     report.add_argument("--device")
+    report.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help=CHECKPOINT_HELP)
     return parser
 
 
@@ -156,7 +188,10 @@ def _cmd_fit(args):
              "particles": args.particles, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
              "seed": args.seed, "device": args.device, "checkpoint_every": args.checkpoint_every,
              "checkpoint_minutes": args.checkpoint_minutes, "on_nan": args.on_nan, "cuda_graph": args.cuda_graph,
-             "kl_warmup": args.kl_warmup, "kl_warmup_start": args.kl_warmup_start, "free_bits": args.free_bits}
+             "kl_warmup": args.kl_warmup, "kl_warmup_start": args.kl_warmup_start, "free_bits": args.free_bits,
+             "schedule": args.schedule, "lr_decay": args.lr_decay, "lr_step": args.lr_step, "lr_min": args.lr_min,
+             "adam_betas": args.adam_betas, "adam_eps": args.adam_eps, "clip_grad_norm": args.clip_grad_norm,
+             "patience": args.patience, "min_delta": args.min_delta, "restarts": args.restarts}
     options.pop("model", None)
     data = args.data or options.pop("data", None)
     options.pop("data", None)
@@ -186,6 +221,7 @@ def _cmd_evaluate(args):
                           limit=args.limit, batch_size=args.batch_size, max_memory_mb=args.max_memory_mb,
                           seed=args.seed, device=args.device, distributed=args.distributed,
                           target_mc_error=args.target_mc_error, max_samples=args.max_samples, progress=progress,
+                          checkpoint=args.checkpoint,
                           **ais_options)
     if args.distributed and _rank() != 0:  # every rank holds the result; rank 0 prints it
         return
@@ -194,10 +230,12 @@ def _cmd_evaluate(args):
     else:
         mc = record.get("mc_stderr")
         print(f"{record['estimator']} (K={record['samples']}) on {record['num_points']} {record['split']} points: "
-              f"log p(x) = {record['log_px']:.4f} +- {record['stderr']:.4f} nats  ({record['seconds']:.2f} s)")
+              f"log p(x) = {record['log_px']:.4f} +- {record['stderr']:.4f} nats  ({record['seconds']:.2f} s; "
+              f"{record['checkpoint']} checkpoint, epoch {record['checkpoint_epoch']})")
         print(f"  Monte Carlo standard error: {'undefined' if mc is None else f'{mc:.4f} nats'}")
         for key in sorted(set(record) - {"model", "run", "split", "estimator", "samples", "num_points",
-                                         "log_px", "stderr", "nll", "seconds", "mc_stderr", "samples_per_point"}):
+                                         "log_px", "stderr", "nll", "seconds", "mc_stderr", "samples_per_point",
+                                         "checkpoint", "checkpoint_epoch"}):
             print(f"  {key}: {record[key]}")
 
 
@@ -210,7 +248,7 @@ def _rank():
 def _cmd_sample(args):
     from . import api
 
-    path = api.sample(args.run, n=args.n, out=args.out, seed=args.seed, device=args.device)
+    path = api.sample(args.run, n=args.n, out=args.out, seed=args.seed, device=args.device, checkpoint=args.checkpoint)
     print(f"samples written to {path}")
 
 
@@ -218,7 +256,8 @@ def _cmd_diagnose(args):
     from . import api
     from .schema import json_compatible
 
-    result = api.diagnose(args.run, split=args.split, device=args.device, is_samples=args.is_samples)
+    result = api.diagnose(args.run, split=args.split, device=args.device, is_samples=args.is_samples,
+                          checkpoint=args.checkpoint)
     if args.json:
         print(json.dumps(json_compatible(result), allow_nan=False))
         return
@@ -233,7 +272,7 @@ def _cmd_diagnose(args):
 def _cmd_report(args):
     from . import api
 
-    path = api.report(args.run, out=args.out, split=args.split, device=args.device)
+    path = api.report(args.run, out=args.out, split=args.split, device=args.device, checkpoint=args.checkpoint)
     print(f"report written to {path}")
 
 

@@ -7,6 +7,9 @@
     model and optimizer state dicts, RNG states, epoch and step; plain tensors and containers, so
     it loads with ``torch.load(weights_only=True)``. Written to a temporary file, flushed, fsynced
     and renamed over the old one, so a crash mid-write leaves the previous checkpoint intact.
+``RUN/best.pt``
+    the model at the epoch with the best validation bound so far (``epoch``, ``valid_elbo``),
+    written atomically like ``checkpoint.pt``; absent without a validation split.
 ``RUN/metrics.jsonl``
     one JSON object per completed epoch.
 ``RUN/evaluations.jsonl``
@@ -39,6 +42,8 @@ from . import files, resources, schema
 from .errors import UserError
 
 CHECKPOINT_FORMAT = "pyro-lvm-checkpoint-v1"
+LAST_CHECKPOINT, BEST_CHECKPOINT = "checkpoint.pt", "best.pt"
+CHECKPOINT_CHOICES = ("auto", "best", "last")
 LOCK_NAME = ".lock"
 MAX_JSONL_BYTES = 1 << 30
 _RUN_FIX = "remove it: pyro-lvm writes that file itself"
@@ -357,6 +362,8 @@ class Run:
     data: object
     metrics: list
     device: torch.device
+    checkpoint: str = "last"  # which checkpoint the model was loaded from: "last" or "best"
+    checkpoint_epoch: int = 0  # the epochs that checkpoint had completed
 
     @property
     def checkpoint_path(self):
@@ -496,8 +503,32 @@ def check_resume_state(state, config, run_dir, lvm, num_batches):
                         f"restore the run's own checkpoint, or refit into a new --out")
 
 
-def load_run(run_dir, device=None):
-    """Load a run directory: rebuild the model from its config and load its last checkpoint."""
+def choose_checkpoint(run_dir, config, which="auto"):
+    """``(name, path)`` of the checkpoint that ``which`` selects: ``best``, ``last``, or ``auto``.
+
+    ``auto`` (the commands' default) is ``best`` for a run fit with early stopping (``patience`` > 0:
+    the stop was decided by the validation bound, and the best checkpoint is the model it selected)
+    and ``last`` otherwise (the model after the epochs that were asked for). Neither looks at the test split.
+    """
+    if which not in CHECKPOINT_CHOICES:
+        raise UserError(f"--checkpoint must be one of {', '.join(CHECKPOINT_CHOICES)}; got {which!r}")
+    run_dir = Path(run_dir)
+    best = run_dir / BEST_CHECKPOINT
+    present = files.kind(best) is not None  # whatever is there: load_checkpoint refuses what is not a file
+    if which == "auto":
+        which = "best" if int(config.get("patience") or 0) > 0 and present else "last"
+    if which == "best" and not present:
+        raise UserError(f"{run_dir} has no best checkpoint ({BEST_CHECKPOINT}): its fit had no validation split "
+                        f"or no finished epoch; use --checkpoint last")
+    return which, best if which == "best" else run_dir / LAST_CHECKPOINT
+
+
+def load_run(run_dir, device=None, checkpoint="auto"):
+    """Load a run directory: rebuild the model from its config and load a checkpoint.
+
+    ``checkpoint``: ``last`` (``checkpoint.pt``), ``best`` (``best.pt``, the best validation bound) or
+    ``auto`` (see :func:`choose_checkpoint`); ``Run.checkpoint`` says which was loaded.
+    """
     from .data import load_dataset
     from .protocol import build_model, hyperparameters, inspect_model, load_model_class
     from .device import resolve_device
@@ -514,11 +545,13 @@ def load_run(run_dir, device=None):
     # The program's traces on the training data create its pyro.param s (and an AutoGuide's
     # parameters), which the checkpoint then fills in.
     inspect_model(lvm, data.train.to(device), check_data=False)
-    state = load_checkpoint(run_dir / "checkpoint.pt", map_location=device)
+    which, path = choose_checkpoint(run_dir, config, checkpoint)
+    state = load_checkpoint(path, map_location=device)
     try:
         lvm.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as err:
-        raise UserError(f"{run_dir / 'checkpoint.pt'} does not match the model in config.json "
+        raise UserError(f"{path} does not match the model in config.json "
                         f"({str(err).splitlines()[0][:160]}); the checkpoint belongs to another model") from None
     lvm.eval()
-    return Run(run_dir, config, lvm, data.to(device), read_metrics(run_dir), device)
+    return Run(run_dir, config, lvm, data.to(device), read_metrics(run_dir), device,
+               checkpoint=which, checkpoint_epoch=int(state.get("epoch", 0)))

@@ -23,6 +23,7 @@ from .errors import UserError
 MAX_COUNT = 2 ** 40  # as pyro_lvm.api.MAX_COUNT
 MAX_SEED = 2 ** 32 - 1
 ON_NAN_CHOICES = ("stop", "skip")  # pyro_lvm.training.ON_NAN (the run directory may not import training)
+SCHEDULE_CHOICES = ("constant", "step", "exponential", "cosine", "iwae")  # pyro_lvm.training.schedules.SCHEDULES
 SPLITS = ("train", "valid", "test")
 
 
@@ -71,6 +72,17 @@ OPTION_RULES = {
     "kl_warmup": _integer(0),
     "kl_warmup_start": _number(0.0, 1.0),
     "free_bits": _number(),
+    "schedule": _choice(SCHEDULE_CHOICES),
+    "lr_decay": ((lambda v: v is None or (_is_number(v) and 0 < v <= 1)), "null or a number in (0, 1]"),
+    "lr_step": ((lambda v: v is None or (_is_int(v) and 1 <= v <= MAX_COUNT)), "null or an integer >= 1"),
+    "lr_min": ((lambda v: v is None or (_is_number(v) and v >= 0)), "null or a finite number >= 0"),
+    "adam_betas": ((lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v)),
+                   "two numbers in [0, 1)"),
+    "adam_eps": _number(positive=True),
+    "clip_grad_norm": _number(),
+    "patience": _integer(0),
+    "min_delta": _number(),
+    "restarts": _integer(1, 10_000),
 }
 _NAME = ((lambda v: isinstance(v, str) and bool(v.strip()) and "\x00" not in v), "a non-empty string")
 _OPTIONAL_TEXT = ((lambda v: v is None or (isinstance(v, str) and "\x00" not in v)), "a string or null")
@@ -247,8 +259,18 @@ RESUME_KEYS = {
                           and bool(torch.isfinite(v).all())), "a finite one-element float tensor"),
     "running_points": _count(0),
 }
+def _validation_state_ok(v):
+    """The early-stopping state of :class:`pyro_lvm.training.checkpoints.ValidationTracker`."""
+    return (isinstance(v, dict) and isinstance(v.get("best"), float) and not math.isnan(v["best"])
+            and _is_int(v.get("best_epoch")) and v["best_epoch"] >= 0 and _is_int(v.get("bad_epochs"))
+            and v["bad_epochs"] >= 0 and isinstance(v.get("stopped"), bool))
+
+
 OPTIONAL_RESUME_KEYS = {
     "skipped_steps": _count(0),
+    "validation": (_validation_state_ok, 'an object {"best": number, "best_epoch": N, "bad_epochs": N, "stopped": bool}'),
+    "scheduler": ((lambda v: v is None or (isinstance(v, dict) and _is_int(v.get("last_epoch")))),
+                  "null or a learning-rate scheduler's state dict"),
     "rng_ranks": ((lambda v: isinstance(v, list) and all(_rng_state_ok(s) for s in v)), "a list of RNG states"),
 }
 
