@@ -115,11 +115,15 @@ class MixtureOfGaussians(PyroModule):
         order = torch.randperm(n, generator=generator).to(u.device)
         starts_on, refined_on = u[order[:_START_POINTS]], u[order[:_REFINE_POINTS]]
         best = None
+        data_floor = torch.linalg.eigvalsh(torch.cov(starts_on.T).reshape(dim, dim)).min() if n > dim else None
         for _ in range(self.init_starts):
             assignment = _kmeans(starts_on, self.num_components, generator)
             result = _em(starts_on, assignment, self.init_em_iterations)
-            if best is None or result[-1] > best[0][-1]:
-                best = result, assignment
+            # The likelihood is unbounded where a component shrinks onto a few points, so such a start
+            # wins on likelihood without being a maximum; it is kept only if every start is one.
+            rank = (not _degenerate(result, len(starts_on), data_floor), result[-1])
+            if best is None or rank > best[2]:
+                best = result, assignment, rank
         weights, locs, covariances, _ = best[0]
         if len(refined_on) > len(starts_on):
             nearest = torch.cdist(refined_on, locs).argmin(-1)  # hard assignments to the chosen means
@@ -167,6 +171,17 @@ def _kmeans(u, k, generator, iterations=100):
             break
         centres = new_centres
     return torch.cdist(u, centres).argmin(-1)
+
+
+def _degenerate(result, n, data_floor):
+    """Whether an EM result has a component on too few points (at most D + 1) or one whose covariance
+    has collapsed (an eigenvalue below 1e-3 of the data covariance's smallest): a singularity of the
+    likelihood, not a maximum."""
+    weights, _, covariances, _ = result
+    dim = covariances.shape[-1]
+    if (weights * n <= dim + 1).any():
+        return True
+    return data_floor is not None and bool(torch.linalg.eigvalsh(covariances).min() < 1e-3 * data_floor)
 
 
 def _em(u, assignment, iterations):

@@ -23,6 +23,7 @@ from .data import BINARIZATIONS, load_dataset
 from .errors import UserError
 from .protocol import build_model, check_support, hyperparameters as model_hyperparameters, inspect_model, \
     load_model_class, resolve_hyperparameters
+from .protocol.checks import check_fit, preflight, remove_failed_run
 from .runs import (atomic_write_json, check_data_fingerprint, check_resume_options, check_resume_state,
                    create_run_directory, load_checkpoint, load_run, read_config)
 from .device import resolve_device
@@ -115,17 +116,15 @@ def _is_binary(x):
     return bool(((x == 0) | (x == 1)).all())
 
 
-def _choose_binarization(requested, lvm, data):
-    """``auto``: binarize images dynamically when the likelihood's support is {0, 1}."""
+def _choose_binarization(requested, info, data):
+    """``auto``: binarize images dynamically when an observed site's support is {0, 1}."""
     if requested != "auto":
         return requested
     if not data.is_image or _is_binary(data.train):
         return "none"
-    with torch.no_grad(), pyro.poutine.block():
-        trace = pyro.poutine.trace(lvm.model).get_trace(None, num_samples=1)
-    support = str(trace.nodes["x"]["fn"].support).lower()
+    boolean = any("boolean" in str(site.support).lower() for site in info.observed_sites)
     in_unit_interval = bool(data.train.min() >= 0) and bool(data.train.max() <= 1)
-    return "dynamic" if "boolean" in support and in_unit_interval else "none"
+    return "dynamic" if boolean and in_unit_interval else "none"
 
 
 def _check_options(cfg):
@@ -256,7 +255,7 @@ def _fit_new_run(model, data, out, run_dir, hyperparameters, options, progress, 
         raise UserError("--restarts and --patience are not available with --distributed (rank 0 alone validates); "
                         "fit without --distributed, or without them")
     hparams = resolve_hyperparameters(cls, hyperparameters)
-    lvm, splits, objective, binarize = _prepare(cls, hparams, cfg, cfg["seed"], device)
+    lvm, splits, objective, binarize = _prepare(cls, hparams, cfg, cfg["seed"], device, distributed=ctx is not None)
     if cfg["patience"] > 0 and not len(splits.valid):
         raise UserError(f"--patience stops on the validation bound, and {cfg['data']} has no validation split; "
                         f"give data with one, or leave --patience out")
@@ -274,13 +273,20 @@ def _fit_new_run(model, data, out, run_dir, hyperparameters, options, progress, 
     if ctx is not None:
         ctx.barrier()
     run_dir.begin()
-    if ctx is None or ctx.is_main:
-        atomic_write_json(out / "config.json", config)
-    log(f"fitting {cls.__name__} on {cfg['data']} ({splits.sizes()['train']} points, {device}) -> {out}")
-    if config["restarts"] > 1:
-        _fit_restarts(out, config, cls, device, (lvm, splits, objective), {}, progress, log)
-    else:
-        train(lvm, splits, objective, config, out, progress=progress, log=log, distributed=ctx)
+    try:
+        if ctx is None or ctx.is_main:
+            atomic_write_json(out / "config.json", config)
+        log(f"fitting {cls.__name__} on {cfg['data']} ({splits.sizes()['train']} points, {device}) -> {out}")
+        if config["restarts"] > 1:
+            _fit_restarts(out, config, cls, device, (lvm, splits, objective), {}, progress, log)
+        else:
+            train(lvm, splits, objective, config, out, progress=progress, log=log, distributed=ctx)
+    except Exception as err:
+        # The user's program stopped the fit before its first checkpoint: nothing to resume, so the
+        # run is taken back as a refused one.
+        if (ctx is None or ctx.is_main) and remove_failed_run(out, err):
+            run_dir.begun = False
+        raise
     return load_run(out, device=str(device))
 
 
@@ -298,7 +304,7 @@ def _model_fit_defaults(cls):
     return dict(defaults)
 
 
-def _prepare(cls, hparams, cfg, seed, device):
+def _prepare(cls, hparams, cfg, seed, device, distributed=False):
     """The model (seeded by ``seed``, data-initialized), its data splits on ``device`` and its objective.
 
     Returns ``(lvm, splits, objective, binarize)``; everything a fit needs is checked here, before
@@ -307,28 +313,39 @@ def _prepare(cls, hparams, cfg, seed, device):
     raw = load_dataset(cfg["data"], cfg["data_dir"], "none")
     pyro.set_rng_seed(seed)
     lvm = build_model(cls, raw.data_shape, hparams, device)
-    binarize = _choose_binarization(cfg["binarize"], lvm, raw)
+    # What the program is (observed sites, data plate, latents) is read from traces on the training
+    # data; that also creates and registers its pyro.param s.
+    info = inspect_model(lvm, raw.train.to(device), check_data=False)
+    binarize = _choose_binarization(cfg["binarize"], info, raw)
     splits = raw if binarize == "none" else load_dataset(cfg["data"], cfg["data_dir"], binarize)
     splits = splits.to(device)
-    probe = splits.train[:2] if binarize != "dynamic" else torch.bernoulli(splits.train[:2])
-    info = inspect_model(lvm, probe)
     resources.check_latent_sizes(info, cls.__name__)
     resources.check_training_memory(info, splits.data_shape, cfg["batch_size"], cfg["particles"], device,
                                     len(splits.train))
     for split_name in ("train", "valid", "test"):
         if not (split_name == "train" and binarize == "dynamic"):
             check_support(info, getattr(splits, split_name), split_name)
+    train_points = splits.train if binarize != "dynamic" else torch.bernoulli(splits.train)
+    check_fit(lvm, cfg, train_points, distributed=distributed)
+    if cfg["particles"] > 1 or cfg["objective"].startswith("iwae"):
+        from .estimators.importance_weights import vectorizes
+
+        vectorizes(lvm, train_points)  # a program that does not broadcast runs its particles one by one
 
     from .objectives import get_objective
 
     objective = get_objective(cfg["objective"], particles=cfg["particles"], model_info=info,
                               **_remedy_options(cfg))
+    probe = lvm.probe(train_points)
     if hasattr(objective, "check_model"):  # remedies: refuse a model they do not apply to, before any file
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             objective.check_model(lvm.model, lvm.guide, probe)
+    # One step's loss before the run begins: whatever the program or the objective refuses at the
+    # first step is refused now, with nothing written.
+    preflight(objective, lvm, probe, len(splits.train), device)
     if hasattr(lvm, "initialize"):
         with torch.no_grad():
-            lvm.initialize(splits.train if binarize != "dynamic" else torch.bernoulli(splits.train))
+            lvm.initialize(train_points)
     return lvm, splits, objective, binarize
 
 
@@ -453,18 +470,21 @@ def _resume(out, options, progress, log, ctx=None, model=None, data=None, hyperp
         splits = load_dataset(data_cfg["name"], data_cfg.get("data_dir"), data_cfg.get("binarize", "none")).to(device)
         check_data_fingerprint(config, splits, out)
         lvm = build_model(cls, splits.data_shape, config["hyperparameters"], device)
+        # The traces create the program's pyro.param s (and an AutoGuide's parameters) that the
+        # checkpoint then fills in.
+        info = inspect_model(lvm, splits.train, check_data=False)
         try:
             lvm.load_state_dict(state["model"])
         except (RuntimeError, KeyError) as err:
             raise UserError(f"{out / 'checkpoint.pt'} does not match the model in config.json "
                             f"({str(err).splitlines()[0][:160]})") from None
-        check_resume_state(state, config, out, lvm, -(-len(splits.train) // min(config["batch_size"], len(splits.train))))
+        check_resume_state(state, config, out, lvm, len(lvm.training_batches(splits.train, config["batch_size"])))
         from .objectives import get_objective
 
-        probe = splits.valid[:2] if len(splits.valid) else splits.train[:2]
-        if not len(splits.valid) and splits.binarize == "dynamic":
-            probe = torch.bernoulli(probe)  # the RNG state is the checkpoint's from here on
-        info = inspect_model(lvm, probe)
+        if config["particles"] > 1 or config["objective"].startswith("iwae"):
+            from .estimators.importance_weights import vectorizes
+
+            vectorizes(lvm, splits.train)
         objective = get_objective(config["objective"], particles=config["particles"], model_info=info,
                                   **_remedy_options(config))
         if (state.get("validation") or {}).get("stopped"):
@@ -596,17 +616,19 @@ def sample(run, n=64, out=None, seed=0, device=None, checkpoint="auto"):
     image = run.data.is_image
     out = Path(out) if out else run.path / ("samples.png" if image else "samples.csv")
     suffix = out.suffix.lower()
-    if image and suffix not in (".png", ".jpg", ".jpeg"):
-        raise UserError(f"image samples are written as a picture; give --out FILE.png (got {out.name!r})")
+    if image and suffix not in (".png", ".jpg", ".jpeg", ".csv"):
+        raise UserError(f"image samples are written as a picture (or a CSV of flattened points); give --out "
+                        f"FILE.png or FILE.csv (got {out.name!r})")
     if not image and suffix != ".csv":
         raise UserError(f"vector samples are written as CSV; give --out FILE.csv (got {out.name!r})")
+    from .protocol import as_program
+
     outputs.check_sample_target(out, inside_run=out.parent.resolve() == Path(run.path).resolve())
     resources.check_sampling_memory(run.data.data_shape, int(n), run.device)
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
-        trace = pyro.poutine.trace(run.model.model).get_trace(None, num_samples=int(n))
-    x = trace.nodes["x"]["value"].detach()
-    outputs.write_samples(out, x, image, nrow=max(1, int(math.sqrt(int(n)))))
+        x = as_program(run.model).sample(int(n), like=run.data.train).detach()
+    outputs.write_samples(out, x, image and suffix != ".csv", nrow=max(1, int(math.sqrt(int(n)))))
     return out
 
 

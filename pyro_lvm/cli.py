@@ -353,7 +353,15 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"interrupted; {_left_behind(args)}", file=sys.stderr)
         return 130
-    except Exception as err:  # a bug in pyro-lvm, not bad input
+    except Exception as err:  # a bug in pyro-lvm, not bad input -- unless the user's model code raised it
+        from .protocol.loading import user_code_error
+
+        blamed = user_code_error(err)
+        if blamed is not None:
+            if os.environ.get("PYRO_LVM_DEBUG"):
+                traceback.print_exc()
+            print(f"error: {' '.join(str(blamed).split())}", file=sys.stderr)
+            return 2
         environment = _environment_error(err, args)
         if environment is not None:  # the machine's limits, not a bug: one line, status 2
             print(f"error: {environment}", file=sys.stderr)

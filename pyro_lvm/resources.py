@@ -175,13 +175,14 @@ def memory_budget_mb(requested_mb, device="cpu", share=0.5):
 # What a model costs
 # ----------------------------------------------------------------------------------------------
 
-def _meta_build(cls, data_shape, hparams):
-    """The model built on the ``meta`` device (shapes only, nothing allocated), or ``None``."""
+def _meta_build(cls, data_shape, hparams, build=None):
+    """The model built on the ``meta`` device (shapes only, nothing allocated), or ``None``;
+    ``build(hparams)`` builds it as the protocol does (``data_shape`` passed only by that name)."""
     try:
         with warnings.catch_warnings():  # torch warns on initialising empty tensors; refused below
             warnings.simplefilter("ignore")
             with torch.device("meta"):
-                return cls(tuple(data_shape), **hparams)
+                return build(hparams) if build is not None else cls(tuple(data_shape), **hparams)
     except Exception:  # noqa: BLE001 -- a model meta cannot build is checked by the real build
         return None
 
@@ -191,7 +192,7 @@ def _empty_tensors(module):
             if t.numel() == 0]
 
 
-def check_model_size(cls, data_shape, hparams, device, defaults=None):
+def check_model_size(cls, data_shape, hparams, device, defaults=None, build=None):
     """Refuse a model that is empty or too large for the machine, before allocating it.
 
     Empty: a hyperparameter of size 0 (``-p latent_dim=0``, ``-p hidden=0``) leaves a layer with no
@@ -199,12 +200,12 @@ def check_model_size(cls, data_shape, hparams, device, defaults=None):
     tensor. Too large: more parameter bytes than :func:`available_memory_bytes` on the CPU (where
     the model is built) or the device.
     """
-    shell = _meta_build(cls, data_shape, hparams)
+    shell = _meta_build(cls, data_shape, hparams, build)
     if shell is None or not isinstance(shell, torch.nn.Module):
         return
     empty = _empty_tensors(shell)
     if empty and defaults is not None:
-        plain = _meta_build(cls, data_shape, defaults)
+        plain = _meta_build(cls, data_shape, defaults, build)
         if isinstance(plain, torch.nn.Module) and not _empty_tensors(plain):
             changed = {k: v for k, v in hparams.items() if defaults.get(k) != v}
             name, shape = empty[0]

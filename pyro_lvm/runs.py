@@ -530,7 +530,7 @@ def load_run(run_dir, device=None, checkpoint="auto"):
     ``auto`` (see :func:`choose_checkpoint`); ``Run.checkpoint`` says which was loaded.
     """
     from .data import load_dataset
-    from .protocol import build_model, hyperparameters, load_model_class
+    from .protocol import build_model, hyperparameters, inspect_model, load_model_class
     from .device import resolve_device
 
     run_dir = Path(run_dir)
@@ -542,6 +542,9 @@ def load_run(run_dir, device=None, checkpoint="auto"):
     cls = load_model_class(config["model"])
     schema.check_hyperparameters(cls, config["hyperparameters"], hyperparameters(cls), run_dir / "config.json")
     lvm = build_model(cls, data.data_shape, config.get("hyperparameters"), device)
+    # The program's traces on the training data create its pyro.param s (and an AutoGuide's
+    # parameters), which the checkpoint then fills in.
+    inspect_model(lvm, data.train.to(device), check_data=False)
     which, path = choose_checkpoint(run_dir, config, checkpoint)
     state = load_checkpoint(path, map_location=device)
     try:

@@ -21,6 +21,8 @@ from torch import nn
 
 from pyro_lvm.errors import UserError
 from pyro_lvm.estimators import ESTIMATORS, Progress, estimate_log_marginal
+from pyro_lvm.objectives import get_objective
+from pyro_lvm.protocol import inspect_model
 from pyro_lvm.estimators import importance_sampling
 from pyro_lvm.estimators.importance_weights import importance_log_weights
 from pyro_lvm.estimators.monte_carlo import WeightStatistics
@@ -118,7 +120,7 @@ class MixtureWithContinuousLatent(PyroModule):
 
 
 class GlobalLatentModel(PyroModule):
-    """A global latent (outside the data plate): no per-point weight."""
+    """A global latent (outside the data plate) whose guide is its prior: the predictive is N(0, 2)."""
 
     def model(self, x=None, num_samples=1):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
@@ -271,8 +273,6 @@ def test_bad_requests_raise_user_errors(ppca):
     lvm, x = ppca
     with pytest.raises(UserError, match="did you mean is"):
         estimate_log_marginal(lvm, x, "iss")
-    with pytest.raises(UserError, match="outside pyro.plate"):
-        estimate_log_marginal(GlobalLatentModel(), torch.randn(5, 1), "is", num_samples=10)
     with pytest.raises(UserError, match="at least 1"):
         estimate_log_marginal(lvm, x, "is", num_samples=0)
 
@@ -281,6 +281,20 @@ def test_bad_requests_raise_user_errors(ppca):
 
     with pytest.raises(UserError, match="is, iwae, elbo or ais"):
         estimate_log_marginal(NoMarginal(), x, "exact")
+
+
+def test_a_global_latent_gives_the_predictive_log_likelihood():
+    """mu ~ N(0, 1), x | mu ~ N(mu, 1), q(mu) = N(0, 1): log E_q p(x | mu) = log N(x; 0, 2), labelled as such."""
+    x = torch.linspace(-2.0, 2.0, 5).unsqueeze(-1)
+    est = estimate_log_marginal(GlobalLatentModel(), x, "is", num_samples=4000, seed=0)
+    exact = torch.tensor(scipy.stats.norm(0.0, math.sqrt(2.0)).logpdf(x.squeeze(-1).numpy()), dtype=torch.float32)
+    # The weights p(x | mu_k) have a relative spread below 2 here, so 4000 draws give an error < 0.05 nats.
+    torch.testing.assert_close(est.per_point, exact, atol=0.05, rtol=0)
+    assert est.extras["quantity"].startswith("predictive") and est.extras["global_latents"] == ["mu"]
+    # This program does not broadcast over particles (expand([1]) of a batched mu): it ran them one by one.
+    assert est.extras["max_chunk_particles"] == 1
+    with pytest.raises(UserError, match="global latents"):
+        get_objective("iwae", particles=2, model_info=inspect_model(GlobalLatentModel(), x))
 
 
 # ----- Monte Carlo standard errors -----

@@ -18,7 +18,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
-import pyro_lvm  # noqa: F401  (sets module_local_params, as the toolkit does)
+import pyro_lvm  # noqa: F401
 from pyro_lvm.distributions import PixelCNNBernoulli
 from pyro_lvm.nn import PixelCNN
 

@@ -109,24 +109,77 @@ def _check_target(key, target_mc_error, max_samples, num_samples):
         raise UserError(f"--max-samples must be an integer >= --samples ({num_samples}), got {max_samples!r}")
 
 
-def _importance_sampler(lvm, x, key, batch_size, max_memory_mb, progress):
-    """``sample(batches, K, seed)`` for ``elbo``, ``iwae`` and ``is``; its chunk planner; and whether
-    the guide draws nothing (then every particle's weight is the exact log p(x))."""
-    from .importance_sampling import (ChunkPlanner, enumerated_statistics, guide_samples_nothing,
-                                      importance_sampling_statistics)
-    from .importance_weights import guess_max_plate_nesting
+def _program(lvm, x):
+    """The :class:`~pyro_lvm.protocol.Program` of ``lvm`` and its info, refusing what has no per-point
+    estimate on these points (a guide that keeps one parameter per training point, on other points;
+    a guide that draws local latents from one draw over all points)."""
+    from ..protocol import as_program
+    from .importance_weights import ensure_info
 
-    max_plate_nesting = guess_max_plate_nesting(lvm.model, lvm.guide, (x[:batch_size],), {})
+    program = as_program(lvm)
+    info = ensure_info(program, x)
+    check_per_point_guide(program, x)
+    check_factorizing_guide(program)
+    return program, info
+
+
+def check_per_point_guide(program, x):
+    """A guide with one parameter per training point (an ``AutoNormal`` over local latents) has nothing
+    to say about other points: refuse them, with the fix."""
+    info = program.info
+    if not program.has_posterior_for(x):
+        raise UserError(f"the guide of {program.program_name} keeps one parameter per training point "
+                        f"({', '.join(info.per_point_parameters[:3])}), so it has no posterior for other points; "
+                        f"use an amortized guide (an encoder of x) to estimate log p(x) on new data, or "
+                        f"evaluate --split train")
+
+
+def check_factorizing_guide(program):
+    """A guide whose local latents are transforms of one draw outside the data plate (AutoDiagonalNormal
+    or AutoMultivariateNormal over local and global sites together) has no density per data point."""
+    info = program.info
+    local_in_guide = [s.name for s in info.local_latents if s.in_guide and s.guide_fn == "Delta"]
+    if info.global_auxiliary_sites and local_in_guide:
+        raise UserError(f"the guide of {program.program_name} draws the local latents {', '.join(local_in_guide[:3])} "
+                        f"from a draw outside the data plate ({', '.join(info.global_auxiliary_sites)}: an "
+                        f"AutoDiagonalNormal or AutoMultivariateNormal over all sites), so it has no density per "
+                        f"data point; estimate log p(x) with a guide that factorizes over the points (AutoNormal, "
+                        f"or an amortized encoder)")
+
+
+def predictive_extras(info):
+    """JSON keys that say what a per-point estimate means when the model has global latents."""
+    names = [s.name for s in info.global_latents if s.in_guide]
+    if not names:
+        return {}
+    return {"quantity": "predictive log p(x_n | training data) = log E_q(theta) p(x_n | theta)",
+            "global_latents": names}
+
+
+def _importance_sampler(program, x, key, batch_size, max_memory_mb, progress):
+    """``sample(batches, K, seed)`` for ``elbo``, ``iwae`` and ``is``; its chunk planner; and whether
+    the guide draws nothing (then every particle's weight is the exact log p(x)). A guide of point
+    masses (``AutoDelta``) draws the same values for every particle: one particle is computed, as for
+    a guide that draws nothing."""
+    from .importance_sampling import ChunkPlanner, enumerated_statistics, importance_sampling_statistics
+    from .importance_weights import vectorizes
+
+    info = program.info
+    max_plate_nesting, plate = info.max_plate_nesting, info.data_plate.name
     planner = ChunkPlanner(max_memory_mb, x.device)
-    enumerated = guide_samples_nothing(lvm.guide, x[:batch_size])
+    drawn = [s for s in info.guide_latents if not s.enumerated] or info.guide_only_sites
+    enumerated = not drawn
+    constant = enumerated or info.point_mass_guide
+    vectorize = constant or vectorizes(program, x)
 
     def sample(batches, num_samples, seed):
-        if enumerated:
-            stats = enumerated_statistics(lvm.model, lvm.guide, batches, num_samples, max_plate_nesting, progress)
-            return stats, {"exact_enumeration": True}, None, None
-        stats, khat, kept = importance_sampling_statistics(lvm.model, lvm.guide, batches, num_samples, seed,
+        if constant:
+            stats = enumerated_statistics(program.model, program.guide, batches, num_samples, max_plate_nesting,
+                                          progress, data_plate=plate)
+            return stats, ({"exact_enumeration": True} if enumerated else {"point_mass_guide": True}), None, None
+        stats, khat, kept = importance_sampling_statistics(program.model, program.guide, batches, num_samples, seed,
                                                            max_plate_nesting, planner, khat=key == "is",
-                                                           progress=progress)
+                                                           progress=progress, data_plate=plate, vectorize=vectorize)
         return stats, {}, khat, kept
 
     return sample, planner, enumerated
@@ -138,6 +191,12 @@ def _sampling_estimate(lvm, x, key, num_samples, batch_size, max_memory_mb, seed
     from .refinement import DEFAULT_CAP_FACTOR, sample_with_target
 
     statistic = STATISTIC[key]
+    # The program's own batches: for a self-subsampling plate its subsample size (the last padded),
+    # for a guide with one parameter per point all the points at once.
+    batches = [(index, batch) for index, (batch, _) in enumerate(lvm.batches(x, batch_size))]
+    if target is not None and (lvm.subsampling or lvm.info.per_point_guide):
+        raise UserError("--target-mc-error adds particles to some points of a batch, which a self-subsampling "
+                        "plate or a guide with one parameter per point cannot take; leave it out and raise --samples")
     if target is not None and max_samples is None:
         max_samples = DEFAULT_CAP_FACTOR * num_samples
     if key == "ais":
@@ -154,12 +213,12 @@ def _sampling_estimate(lvm, x, key, num_samples, batch_size, max_memory_mb, seed
         steps = int(options["ais_steps"]) if isinstance(options["schedule"], str) else len(options["schedule"]) - 1
         cost = lambda points, chains: points * chains * max(steps, 1)  # noqa: E731
         result = sample_with_target(sample, x, batch_size, num_samples, statistic, seed, target, max_samples,
-                                    cost, progress)
+                                    cost, progress, batches=batches)
         extras = _ais_extras(result)
     else:
         sample, planner, enumerated = _importance_sampler(lvm, x, key, batch_size, max_memory_mb, progress)
         result = sample_with_target(sample, x, batch_size, num_samples, statistic, seed, target, max_samples,
-                                    None, progress)
+                                    None, progress, batches=batches)
         from .importance_sampling import sampling_extras
 
         khat_samples = int(result.khat_samples.min()) if result.khat is not None else None
@@ -234,18 +293,22 @@ def estimate_log_marginal(lvm, x, estimator="is", num_samples=1000, batch_size=1
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices), as_progress(progress) as bar:
         torch.manual_seed(seed)
+        program, info = _program(lvm, x)
         if key == "exact":
             from .exact import exact_log_marginal
-            per_point, extras = exact_log_marginal(lvm, x, batch_size)
+            per_point, extras = exact_log_marginal(program, x, batch_size)
             per_point = per_point.detach().reshape(-1).to(x.device)
             per_point_mc, samples = torch.zeros_like(per_point), None
         else:
             per_point, per_point_mc, samples, extras = _sampling_estimate(
-                lvm, x, key, num_samples, batch_size, max_memory_mb, seed, opts, target_mc_error, max_samples, bar)
+                program, x, key, num_samples, batch_size, max_memory_mb, seed, opts, target_mc_error, max_samples,
+                bar)
+        extras = {**predictive_extras(info), **extras}
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     seconds = time.perf_counter() - start
     return summarize(per_point.to(x.device), per_point_mc.to(x.device), samples, key, num_samples, seconds, extras)
 
 
-__all__ = ["ESTIMATORS", "LogMarginalEstimate", "Progress", "estimate_log_marginal", "summarize"]
+__all__ = ["ESTIMATORS", "LogMarginalEstimate", "Progress", "check_factorizing_guide", "check_per_point_guide",
+           "estimate_log_marginal", "predictive_extras", "summarize"]

@@ -88,6 +88,7 @@ from torch.distributions import biject_to
 from torch.distributions.transforms import ComposeTransform, IndependentTransform
 
 from pyro_lvm.errors import UserError
+from pyro_lvm.protocol.plates import plate_frame
 
 from . import importance_sampling
 from .monte_carlo import WeightStatistics, stderr_of_mean
@@ -108,23 +109,25 @@ AIS_OPTIONS = {"ais_steps": 200, "proposal": "prior", "schedule": "sigmoid", "hm
 
 
 class _ProgramLayout(NamedTuple):
-    """Where AIS finds things in the program: the data plate (name, dim), the observed site, and the
-    dims it adds (chains, then enumerated values further left)."""
+    """Where AIS finds things in the program: the data plate (name, dim), the observed sites, the
+    plates' nesting, and the dims it adds (chains, then enumerated values further left)."""
 
     data_plate: str
     data_dim: int
-    observed_site: str
+    observed_sites: frozenset
+    max_plate_nesting: int
     chain_dim: int
     first_enum_dim: int
 
 
-def _program_layout(model_trace):
-    """The layout of the program AIS runs. Every assumption AIS makes about the names and dims of
-    the program is here: the model protocol of ``docs/ARCHITECTURE.md`` puts the observed site ``x``
-    in ``pyro.plate("data")`` at dim -1, and makes every other dimension an event dimension, so the
-    chains go at dim -2 and enumerated discrete latents to the left of both."""
-    del model_trace  # the protocol fixes the layout; a general reader would take it from the trace
-    return _ProgramLayout(data_plate="data", data_dim=-1, observed_site="x", chain_dim=-2, first_enum_dim=-3)
+def _program_layout(info):
+    """The layout of the program AIS runs, from its :class:`~pyro_lvm.protocol.ModelInfo` (read from
+    traces): the chains go left of every plate of the program, enumerated discrete latents left of
+    the chains."""
+    nesting = info.max_plate_nesting
+    return _ProgramLayout(data_plate=info.data_plate.name, data_dim=info.data_plate.dim,
+                          observed_sites=frozenset(info.observed_names), max_plate_nesting=nesting,
+                          chain_dim=-(nesting + 1), first_enum_dim=-(nesting + 2))
 
 
 def annealing_schedule(num_steps, schedule="sigmoid"):
@@ -168,15 +171,24 @@ def _is_identity(transform):
 
 
 class _ContinuousSite:
-    """One continuous local latent site, and where it sits in the flat unconstrained vector."""
+    """One continuous local latent site, and where it sits in the flat unconstrained vector.
 
-    def __init__(self, name, event_shape, transform, unconstrained_event_shape, offset):
+    ``batch_shape`` is the site's batch shape over the program's plates (``max_plate_nesting`` dims,
+    the data plate at ``data_dim``); in the state, a point's part of the site (the data plate's dim
+    taken out, the other plate dims and the unconstrained event flattened) is ``size`` numbers.
+    """
+
+    def __init__(self, name, event_shape, transform, batch_shape, unconstrained_event_shape, data_dim, offset):
         self.name = name
         self.event_shape = event_shape
         self.transform = transform
         self.identity = _is_identity(transform)  # z = u and log|dz/du| = 0: nothing to compute
+        self.batch_shape = batch_shape
         self.unconstrained_event_shape = unconstrained_event_shape
-        self.size = math.prod(unconstrained_event_shape)
+        self.data_axis = len(batch_shape) + data_dim  # index of the data plate in batch_shape
+        self.rest_shape = tuple(s for i, s in enumerate(batch_shape) if i != self.data_axis)
+        self.simple = not self.rest_shape and self.data_axis == 0  # [C, n, *event]: no moving of dims
+        self.size = math.prod(self.rest_shape + unconstrained_event_shape)
         self.offset = offset
 
 
@@ -207,9 +219,9 @@ def _validation_on():
 
 
 def _site_log_prob(site):
-    """A site's log density exactly as ``Trace.compute_log_prob`` computes it."""
-    return scale_and_mask(site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"]),
-                          site["scale"], site["mask"])
+    """A site's log density as ``Trace.compute_log_prob`` computes it, masked but unscaled: AIS
+    estimates each point's log p(x), whatever scale a subsampling plate (or a minibatch handler) set."""
+    return scale_and_mask(site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"]), 1.0, site["mask"])
 
 
 class _AnnealingTarget:
@@ -222,13 +234,21 @@ class _AnnealingTarget:
     would do (the reference the tests compare the recorder with).
     """
 
-    def __init__(self, lvm, x, num_chains, proposal, use_traces=False):
+    def __init__(self, lvm, x, num_chains, proposal, use_traces=False, vectorized=True):
         if proposal not in ("prior", "guide"):
             raise UserError(f"unknown AIS proposal {proposal!r}; use 'prior' or 'guide'")
-        self.lvm = lvm
+        program, info = _program(lvm, x)
+        self.lvm = program
+        self.layout = _program_layout(info)
+        # Discrete sites that the guide enumerates are summed out of p(z) and p(x, z) here, as the model's own.
+        guide_enumerated = {site.name for site in info.guide_enumerated}
+        self.model = program.model if not guide_enumerated else poutine.infer_config(
+            program.model, lambda msg: {"enumerate": "parallel"} if msg["name"] in guide_enumerated else {})
         self.x = x
-        self.num_chains = num_chains
-        self.num_points = x.shape[0]
+        # A program that does not broadcast over a dim on the left runs one chain, without a chain plate.
+        self.vectorized = vectorized
+        self.num_chains = num_chains if vectorized else 1
+        self.num_points = len(x)
         self.proposal = proposal
         self._inspect_model()
         if proposal == "guide" and self.sites:
@@ -236,7 +256,8 @@ class _AnnealingTarget:
         # The recorder conditions and records; enumeration needs Pyro's enum handler and traces.
         self.use_traces = bool(use_traces or self.enumerated_names)
         # One plate for every evaluation (Pyro's plates can be entered again and again).
-        self._chain_plate = pyro.plate(CHAIN_PLATE, self.num_chains, dim=self.layout.chain_dim)
+        self._chain_plate = (pyro.plate(CHAIN_PLATE, self.num_chains, dim=self.layout.chain_dim) if vectorized
+                             else contextlib.nullcontext())
         # On the CPU a check that every state is finite costs nothing, and spares masking them all.
         self._check_finite_on_host = x.device.type == "cpu"
         self._weights = None
@@ -244,43 +265,27 @@ class _AnnealingTarget:
     # ----- what the model is, from a trace -----
 
     def _check_plates(self, site, owner):
-        layout = self.layout
-        frames = site["cond_indep_stack"]
-        names = [frame.name for frame in frames]
-        if layout.data_plate not in names:
+        if plate_frame(site, self.layout.data_plate) is None:
             raise UserError(
-                f"site {site['name']!r} of the {owner} is outside pyro.plate({layout.data_plate!r}) (a global "
-                "site); AIS estimates log p(x) per data point and needs every latent site inside the "
-                "data plate; fit with a per-point model or use the 'elbo' estimator"
-            )
-        extra = [name for name in names if name != layout.data_plate]
-        if extra:
-            raise UserError(
-                f"site {site['name']!r} of the {owner} sits in plates {extra} besides {layout.data_plate!r}; "
-                "AIS needs the data plate only: declare the other dimensions with .to_event()"
-            )
-        data_frame = next(frame for frame in frames if frame.name == layout.data_plate)
-        if data_frame.dim != layout.data_dim:
-            raise UserError(
-                f"pyro.plate({layout.data_plate!r}) is at dim {data_frame.dim}; the model protocol puts it "
-                f"at dim {layout.data_dim}"
+                f"site {site['name']!r} of the {owner} is outside pyro.plate({self.layout.data_plate!r}) (a "
+                "global site); AIS anneals the latents of each data point and cannot anneal a global latent: "
+                "use --estimator is, which estimates the predictive log p(x_n | training data)"
             )
 
     def _inspect_model(self):
         with torch.no_grad():
-            trace = poutine.trace(self.lvm.model).get_trace(self.x)
-        self.layout = _program_layout(trace)
-        observed = self.layout.observed_site
-        if observed not in trace.nodes or not trace.nodes[observed]["is_observed"]:
-            raise UserError(f"the model has no observed sample site named {observed!r}")
+            trace = poutine.trace(self.model).get_trace(self.x)
+        layout = self.layout
         self.sites, self.enumerated_names = [], []
         offset = 0
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
-            self._check_plates(site, "model")
             if site["is_observed"]:
+                if name in layout.observed_sites:
+                    self._check_plates(site, "model")
                 continue
+            self._check_plates(site, "model")
             enumerate_ = site["infer"].get("enumerate")
             if enumerate_ == "parallel":
                 self.enumerated_names.append(name)
@@ -296,11 +301,12 @@ class _AnnealingTarget:
                     f"latent site {name!r} is discrete and not enumerated; HMC cannot move it: mark it "
                     "infer={'enumerate': 'parallel'} so that it is summed out exactly"
                 )
-            if tuple(value.shape) != (self.num_points,) + tuple(fn.event_shape):
+            batch = tuple(fn.batch_shape)
+            batch = (1,) * (layout.max_plate_nesting - len(batch)) + batch
+            if batch[len(batch) + layout.data_dim] != self.num_points:
                 raise UserError(
-                    f"latent site {name!r} has shape {tuple(value.shape)}, expected "
-                    f"{(self.num_points,) + tuple(fn.event_shape)} (data plate, then event dims): "
-                    "declare every non-plate dimension with .to_event()"
+                    f"latent site {name!r} has batch shape {tuple(fn.batch_shape)}, which does not follow the "
+                    f"{self.num_points} points of pyro.plate({layout.data_plate!r}); use --estimator is"
                 )
             try:
                 transform = biject_to(fn.support)
@@ -309,8 +315,10 @@ class _AnnealingTarget:
                     f"latent site {name!r} has support {fn.support}, which has no bijection to the "
                     "reals; AIS runs HMC on unconstrained continuous latents only"
                 ) from None
-            unconstrained_event_shape = tuple(transform.inv(value).shape[1:])
-            site_info = _ContinuousSite(name, tuple(fn.event_shape), transform, unconstrained_event_shape, offset)
+            full = value.expand(batch + tuple(fn.event_shape))
+            unconstrained_event_shape = tuple(transform.inv(full).shape[len(batch):])
+            site_info = _ContinuousSite(name, tuple(fn.event_shape), transform, batch, unconstrained_event_shape,
+                                        layout.data_dim, offset)
             self.sites.append(site_info)
             offset += site_info.size
         self.latent_dim = offset
@@ -337,81 +345,113 @@ class _AnnealingTarget:
 
     # ----- states -----
 
+    def _with_chain_dim(self, value, site, event_dims):
+        """A site's value as ``[C, *batch_shape, *event]`` (the chain dim added where there is none)."""
+        batch_dims = len(site.batch_shape) + (1 if self.vectorized else 0)
+        while value.dim() - event_dims < batch_dims:
+            value = value.unsqueeze(0)
+        if not self.vectorized:
+            value = value.unsqueeze(0)
+        return value.expand((self.num_chains,) + site.batch_shape + tuple(value.shape[value.dim() - event_dims:]))
+
     def pack(self, values):
-        """Constrained values ``{name: [C, n, *event]}`` to the unconstrained state ``[C, n, dim]``."""
-        parts = [
-            site.transform.inv(values[site.name]).reshape(self.num_chains, self.num_points, site.size)
-            for site in self.sites
-        ]
+        """Constrained values ``{name: [C, *batch, *event]}`` to the unconstrained state ``[C, n, dim]``."""
+        parts = []
+        for site in self.sites:
+            u = site.transform.inv(values[site.name])
+            u = self._with_chain_dim(u, site, len(site.unconstrained_event_shape))
+            u = u.movedim(1 + site.data_axis, 1)
+            parts.append(u.reshape(self.num_chains, self.num_points, site.size))
         return torch.cat(parts, dim=-1)
 
     def unpack(self, u):
-        """The unconstrained state to constrained values and ``log|dz/du|`` of shape ``[C, n]``
+        """The unconstrained state to constrained values ``{name: [C, *batch, *event]}`` (without the
+        chain dim for a single chain run without a chain plate) and ``log|dz/du|`` of shape ``[C, n]``
         (``0.0`` when every site is unconstrained)."""
+        from .importance_weights import point_view
+
         values, log_det = {}, 0.0
         for site in self.sites:
             # A site that is the whole state takes it as it is: a slice would cost a copy in backward.
             u_site = u if site.size == u.shape[-1] else u[..., site.offset : site.offset + site.size]
-            u_site = u_site.reshape(u.shape[:2] + site.unconstrained_event_shape)
+            u_site = u_site.reshape(u.shape[:2] + site.rest_shape + site.unconstrained_event_shape)
+            if not site.simple:
+                u_site = u_site.movedim(1, 1 + site.data_axis)
             if site.identity:
-                values[site.name] = u_site
-                continue
-            z_site = site.transform(u_site)
-            values[site.name] = z_site
-            ladj = site.transform.log_abs_det_jacobian(u_site, z_site)
-            if ladj.dim() > 2:
-                ladj = ladj.reshape(ladj.shape[:2] + (-1,)).sum(-1)
-            log_det = log_det + ladj
+                z_site = u_site
+            else:
+                z_site = site.transform(u_site)
+                ladj = site.transform.log_abs_det_jacobian(u_site, z_site)
+                extra = ladj.dim() - (1 + len(site.batch_shape))
+                if extra > 0:
+                    ladj = ladj.sum(tuple(range(-extra, 0)))
+                log_det = log_det + (ladj if site.simple else
+                                     point_view(ladj, self.layout.data_dim, self.layout.max_plate_nesting))
+            values[site.name] = z_site if self.vectorized else z_site[0]
         return values, log_det
 
     def sample_proposal(self):
         """``[C, n, dim]`` unconstrained draws from ``p0``: the prior by ancestral sampling, or the guide."""
-        program = self.lvm.model if self.proposal == "prior" else self.lvm.guide
+        program = self.model if self.proposal == "prior" else self.lvm.guide
         with torch.no_grad(), self._chains():
             trace = poutine.trace(program).get_trace(self.x)
-        shape = (self.num_chains, self.num_points)
-        values = {site.name: trace.nodes[site.name]["value"].expand(shape + site.event_shape) for site in self.sites}
-        return self.pack(values)
+        return self.pack({site.name: trace.nodes[site.name]["value"] for site in self.sites})
 
     # ----- densities -----
 
-    def _sum_out_enumeration(self, log_prob):
-        # Every site lives in the chains and data plates, and enumeration dims are to their left, so
-        # the joint over the enumerated values is the broadcast sum, and marginalising is a logsumexp.
+    def _per_chain(self, log_prob):
+        """A site's log density ``[C, *batch]`` as ``[C, n]``: plates nested in the data plate summed."""
+        from .importance_weights import point_view
+
         shape = (self.num_chains, self.num_points)
-        if not self.enumerated_names:
-            if torch.is_tensor(log_prob) and log_prob.shape == shape:
-                return log_prob
-            return log_prob + torch.zeros(shape, dtype=self.x.dtype, device=self.x.device)
-        log_prob = log_prob + torch.zeros(shape, dtype=self.x.dtype, device=self.x.device)
-        return log_prob.reshape(-1, *shape).logsumexp(0)
+        if torch.is_tensor(log_prob) and log_prob.shape == shape and self.layout.max_plate_nesting == 1:
+            return log_prob
+        layout = self.layout
+        return point_view(log_prob, layout.data_dim, layout.max_plate_nesting).expand(shape)
 
     def _log_latent_and_joint(self, sites):
-        """``log p(z)`` and ``log p(x, z)`` from the model's sample sites (trace nodes or messages)."""
+        """``log p(z)`` and ``log p(x, z)`` from the model's sample sites (messages, nothing enumerated)."""
         # The sums start from their first term, not from 0.0: the same values, and fewer kernels.
         log_latent, log_joint = None, None
         for site in sites:
-            log_prob = site["log_prob"] if "log_prob" in site else _site_log_prob(site)
+            log_prob = self._per_chain(_site_log_prob(site))
             log_joint = log_prob if log_joint is None else log_joint + log_prob
             if site["name"] in self.latent_names:
                 log_latent = log_prob if log_latent is None else log_latent + log_prob
-        return (self._sum_out_enumeration(0.0 if log_latent is None else log_latent),
-                self._sum_out_enumeration(0.0 if log_joint is None else log_joint))
+        zero = torch.zeros(self.num_chains, self.num_points, dtype=self.x.dtype, device=self.x.device)
+        return (zero if log_latent is None else log_latent), (zero if log_joint is None else log_joint)
 
     def _model_log_densities(self, values):
-        """``log p(z)`` and ``log p(x, z)`` at continuous latents ``values``, discrete ones summed out."""
+        """``log p(z)`` and ``log p(x, z)`` at continuous latents ``values``, discrete ones summed out
+        by the variable elimination of :mod:`.importance_weights` (plates and ``pyro.markov`` chains)."""
+        from .importance_weights import model_log_density
+
         if not self.use_traces:
             recorder = _SiteRecorder(values)
             with self._chains(), recorder:
-                self.lvm.model(self.x)
+                self.model(self.x)
             return self._log_latent_and_joint(recorder.sites)
-        model = poutine.enum(poutine.condition(self.lvm.model, data=values),
-                             first_available_dim=self.layout.first_enum_dim)
+        layout = self.layout
+        model = poutine.enum(poutine.condition(self.model, data=values), first_available_dim=layout.first_enum_dim)
         with self._chains():
             trace = poutine.trace(model).get_trace(self.x)
-        trace.compute_log_prob()
-        return self._log_latent_and_joint(
-            site for site in trace.nodes.values() if site["type"] == "sample" and not site_is_subsample(site))
+        if not self.enumerated_names:  # the recorder's sums, in the same order: the same values bit for bit
+            return self._log_latent_and_joint(
+                site for site in trace.nodes.values() if site["type"] == "sample" and not site_is_subsample(site))
+        plate = CHAIN_PLATE if self.vectorized else None
+        options = dict(data_plate=layout.data_plate, particle_plate=plate)
+        log_joint, _, _ = model_log_density(trace, set(), layout.max_plate_nesting, self.num_chains, **options)
+        latent_trace = trace.copy()
+        for name in layout.observed_sites:
+            if name in latent_trace.nodes:
+                latent_trace.remove_node(name)
+        try:
+            log_latent, _, _ = model_log_density(latent_trace, set(), layout.max_plate_nesting, self.num_chains,
+                                                 **options)
+        except UserError:  # no latent site in the data plate (all of them summed out with the data)
+            log_latent = 0.0
+        zero = torch.zeros(self.num_chains, self.num_points, dtype=self.x.dtype, device=self.x.device)
+        return log_latent + zero, log_joint + zero
 
     def _guide_log_density(self, values):
         if not self.use_traces:
@@ -419,11 +459,10 @@ class _AnnealingTarget:
             with self._chains(), recorder:
                 self.lvm.guide(self.x)
             by_name = {site["name"]: site for site in recorder.sites}
-            return sum(_site_log_prob(by_name[site.name]) for site in self.sites)
+            return sum(self._per_chain(_site_log_prob(by_name[site.name])) for site in self.sites)
         with self._chains():
             trace = poutine.trace(poutine.condition(self.lvm.guide, data=values)).get_trace(self.x)
-        trace.compute_log_prob()
-        return sum(trace.nodes[site.name]["log_prob"] for site in self.sites)
+        return sum(self._per_chain(_site_log_prob(trace.nodes[site.name])) for site in self.sites)
 
     def log_densities(self, u, beta=None, grad="beta"):
         """``(a0, a1, gradient)`` at the unconstrained state ``u``.
@@ -624,41 +663,68 @@ def check_ais_options(options):
 def ais_statistics(lvm, batches, num_chains, seed, options, progress=None, use_traces=False):
     """AIS log weights of ``num_chains`` chains for every point of ``batches``, as statistics.
 
-    :param batches: ``[(batch_index, xb), ...]``; batch ``i`` runs from the seed ``block_seed(seed, i, 0)``.
+    :param batches: ``[(batch_index, xb), ...]``; batch ``i`` runs from the seed ``block_seed(seed, i, 0)``
+        (a program that does not broadcast over the chains runs them one at a time, chain c from
+        ``block_seed(seed, i, c)``). A batch may be a :class:`~pyro_lvm.protocol.SubsampleBatch`.
     :param options: the keys of :data:`AIS_OPTIONS` (see :func:`check_ais_options`).
     :returns: ``(WeightStatistics over the points in order, extras)``, extras with ``num_chains,
         ais_steps, acceptance_rate, step_size_mean`` (means over the annealed points),
         ``annealed_points``, and ``exact_enumeration`` where every latent is enumerated.
     """
+    from .importance_sampling import valid_points
+    from .importance_weights import vectorizes
+
     options = check_ais_options(options)
     _check_options(num_chains, options["leapfrog_steps"], options["hmc_step_size"])
     betas = annealing_schedule(options["ais_steps"], options["schedule"])
     num_chains = int(num_chains)
     progress = or_silent(progress)
+    first = batches[0][1] if batches else None
+    program, info = _program(lvm, first)
+    drawn_globals = [s.name for s in info.global_latents if s.in_guide and not s.point_mass]
+    if drawn_globals:
+        are = "is a global latent" if len(drawn_globals) == 1 else "are global latents"
+        raise UserError(f"{', '.join(map(repr, drawn_globals))} {are} (outside the data plate); AIS "
+                        f"anneals the latents of each data point and cannot anneal a global one: use --estimator "
+                        f"is, which estimates the predictive log p(x_n | training data)")
+    continuous = [s for s in info.latent_sites if s.local and not s.enumerated and not s.discrete]
+    vectorized = not continuous or first is None or vectorizes(program, first if torch.is_tensor(first) else first.data)
+    runs = [(0, num_chains)] if vectorized else [(c, 1) for c in range(num_chains)]
     parts, acceptance, step_size, points, exact = [], 0.0, 0.0, 0, False
     for batch_index, xb in batches:
-        batch_seed = importance_sampling.block_seed(seed, batch_index, 0)
-        with _seeded(xb.device, batch_seed), torch.no_grad():
-            target = _AnnealingTarget(lvm, xb, num_chains, options["proposal"], use_traces=use_traces)
-            if not target.sites:
-                # Every latent is enumerated: nothing to anneal, log p(x) is exact, and every chain
-                # would carry the same weight.
-                exact = True
-                parts.append(WeightStatistics.constant(target.exact_log_marginal(), num_chains))
-                progress.advance(num_chains * xb.shape[0] * (len(betas) - 1))
-                continue
-            log_weight, stats = _anneal(target, target.sample_proposal(), betas, options["hmc_step_size"],
-                                        int(options["leapfrog_steps"]), options["adapt_step_size"],
-                                        progress=progress)
-        parts.append(WeightStatistics.from_log_weights(log_weight))
-        acceptance += stats["acceptance_rate"] * xb.shape[0]
-        step_size += stats["step_size_mean"] * xb.shape[0]
-        points += xb.shape[0]
+        valid = valid_points(xb)
+        if not continuous:
+            # Every latent is enumerated (or a point mass): nothing to anneal, log p(x) is exact by
+            # enumeration, and every chain would carry the same weight.
+            from .exact import exact_log_marginal
+
+            exact = True
+            with torch.no_grad():
+                log_px, _ = exact_log_marginal(program, xb if torch.is_tensor(xb) else xb.rows()[:valid], len(xb))
+            parts.append(WeightStatistics.constant(log_px[:valid], num_chains))
+            progress.advance(num_chains * valid * (len(betas) - 1))
+            continue
+        weights = []
+        for offset, chains in runs:
+            batch_seed = importance_sampling.block_seed(seed, batch_index, offset)
+            with _seeded(xb.device, batch_seed), torch.no_grad():
+                target = _AnnealingTarget(program, xb, chains, options["proposal"], use_traces=use_traces,
+                                          vectorized=vectorized)
+                log_weight, stats = _anneal(target, target.sample_proposal(), betas, options["hmc_step_size"],
+                                            int(options["leapfrog_steps"]), options["adapt_step_size"],
+                                            progress=progress)
+            weights.append(log_weight[:, :valid])
+            acceptance += stats["acceptance_rate"] * valid * chains / num_chains
+            step_size += stats["step_size_mean"] * valid * chains / num_chains
+        parts.append(WeightStatistics.from_log_weights(torch.cat(weights, dim=0)))
+        points += valid
     extras = {"num_chains": num_chains, "ais_steps": 0 if exact and not points else len(betas) - 1,
               "acceptance_rate": acceptance / points if points else 1.0,
               "step_size_mean": step_size / points if points else 0.0, "annealed_points": points}
     if exact:
         extras["exact_enumeration"] = True
+    if not vectorized:
+        extras["chains_one_at_a_time"] = True
     return WeightStatistics.cat(parts), extras
 
 
@@ -684,12 +750,25 @@ def annealed_importance_log_marginal(lvm, x, num_chains=16, ais_steps=200, propo
     """
     options = dict(ais_steps=ais_steps, proposal=proposal, schedule=schedule, hmc_step_size=hmc_step_size,
                    leapfrog_steps=leapfrog_steps, adapt_step_size=adapt_step_size)
-    batches = list(enumerate(x.split(int(batch_size) if batch_size else max(1, x.shape[0]))))
-    stats, extras = ais_statistics(lvm, batches, num_chains, seed, options, progress)
+    program, _ = _program(lvm, x)
+    size = int(batch_size) if batch_size else max(1, x.shape[0])
+    batches = [(index, batch) for index, (batch, _) in enumerate(program.batches(x, size))]
+    stats, extras = ais_statistics(program, batches, num_chains, seed, options, progress)
     del extras["annealed_points"]
     extras["log_weight_ess"] = float(stats.effective_sample_size().mean())
     extras["mc_stderr"] = stderr_of_mean(stats.mc_variance("log_mean_exp"))
     return stats.estimate("log_mean_exp").to(stats.dtype), extras
+
+
+def _program(lvm, x):
+    """The program of ``lvm`` and its info (inspected on ``x`` the first time)."""
+    from ..protocol import as_program
+    from .importance_weights import ensure_info
+
+    program = as_program(lvm)
+    if program.info is None:
+        ensure_info(program, x if torch.is_tensor(x) else x.data)
+    return program, program.info
 
 
 def _model_device(lvm):
@@ -724,21 +803,22 @@ def bdmc(lvm, num_points=50, num_chains=4, ais_steps=200, seed=0, **ais_options)
     num_chains, num_points = int(num_chains), int(num_points)
     betas = annealing_schedule(options["ais_steps"], options["schedule"])
 
-    with _seeded(_model_device(lvm), seed), torch.no_grad():
-        simulation = poutine.trace(lvm.model).get_trace(None, num_samples=num_points)
-        layout = _program_layout(simulation)
-        x = simulation.nodes[layout.observed_site]["value"].detach()
-        target = _AnnealingTarget(lvm, x, num_chains, options["proposal"])
+    from ..protocol import as_program
+    from ..protocol.inspection import inspect_by_simulation
+
+    program = as_program(lvm)
+    inspect_by_simulation(program)
+    with _seeded(_model_device(program), seed), torch.no_grad():
+        x, simulations = program.simulate(num_points)
+        x = x.detach()
+        simulation = simulations[0]
+        target = _AnnealingTarget(program, x, num_chains, options["proposal"])
         if target.sites:
             log_weight_forward, stats = _anneal(
                 target, target.sample_proposal(), betas, hmc_step_size, leapfrog_steps, options["adapt_step_size"]
             )
             lower = _log_mean_exp(log_weight_forward)
-            chain_shape = (num_chains, num_points)
-            posterior_sample = {
-                site.name: simulation.nodes[site.name]["value"].detach().expand(chain_shape + site.event_shape)
-                for site in target.sites
-            }
+            posterior_sample = {site.name: simulation.nodes[site.name]["value"].detach() for site in target.sites}
             plan = stats["step_size_plan"]
             log_weight_reverse, _ = _anneal(
                 target,
@@ -752,7 +832,7 @@ def bdmc(lvm, num_points=50, num_chains=4, ais_steps=200, seed=0, **ais_options)
             upper = -_log_mean_exp(log_weight_reverse)
         else:
             lower = upper = target.exact_log_marginal()
-        exact = lvm.log_marginal(x) if hasattr(lvm, "log_marginal") else None
+        exact = program.log_marginal(x) if callable(getattr(program, "log_marginal", None)) else None
 
     lower_mean, upper_mean = float(lower.double().mean()), float(upper.double().mean())
     result = {

@@ -42,6 +42,8 @@ same, the exact log p(x): one particle is computed instead of K (:func:`enumerat
 """
 
 import contextlib
+import math
+from typing import NamedTuple, Optional
 
 import numpy as np
 import pyro
@@ -50,8 +52,8 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from ..errors import UserError
-from .importance_weights import (compute_importance_weights, guide_log_density, model_log_density, trace_guide,
-                                 trace_model)
+from .importance_weights import (GuideTerms, combine, compute_importance_weights, guide_log_density,
+                                 model_log_density, trace_guide, trace_model)
 from .monte_carlo import WeightStatistics
 from .psis import pareto_khat
 
@@ -88,14 +90,52 @@ def _particle_axis(site, max_plate_nesting):
     return site["value"].dim() - site["fn"].event_dim - (max_plate_nesting + 1)
 
 
+class ChunkTerms(NamedTuple):
+    """The guide's terms for a chunk of particles (:class:`~.importance_weights.GuideTerms`, narrowed),
+    the enumeration allocator as the guide left it, and the chunk's ``shape`` ``(k, b)``."""
+
+    terms: GuideTerms
+    enum_state: Optional[tuple]
+    shape: tuple
+
+
+def _narrow(tensor, axis, lo, size):
+    if not torch.is_tensor(tensor) or tensor.dim() <= axis or tensor.shape[axis] == 1:
+        return tensor  # does not depend on the particle (an enumerated value, a constant)
+    return tensor.narrow(axis, lo, size)
+
+
+def _narrow_terms(terms, lo, size):
+    def cut(t):
+        if not torch.is_tensor(t) or t.dim() < 2:
+            return t
+        t = _narrow(t, t.dim() - 2, lo, size)
+        return t.expand(t.shape[:-2] + (size, t.shape[-1]))  # the chunk's particles, even where none differ
+
+    return terms._replace(log_q=cut(terms.log_q), log_q_enumerated=cut(terms.log_q_enumerated),
+                          score_log_q=cut(terms.score_log_q))
+
+
+def _cat_terms(parts):
+    def cat(ts):
+        if not all(torch.is_tensor(t) and t.dim() >= 2 for t in ts):
+            return ts[0]
+        return torch.cat([t.expand(t.shape[:-2] + (t.shape[-2], max(u.shape[-1] for u in ts))) for t in ts], dim=-2)
+
+    first = parts[0]
+    return first._replace(log_q=cat([p.log_q for p in parts]),
+                          log_q_enumerated=None if first.log_q_enumerated is None else cat([p.log_q_enumerated for p in parts]),
+                          score_log_q=None if first.score_log_q is None else cat([p.score_log_q for p in parts]))
+
+
 class _GuideBlocks:
     """Guide draws for one batch, block by block, each block from its own seed.
 
-    ``take(start, stop)`` returns the replay trace and log q [stop - start, b] of particles
-    ``start..stop-1``, running (and caching) the guide on the blocks that hold them.
+    ``take(start, stop)`` returns the replay trace and the guide's terms (:class:`ChunkTerms`) of
+    particles ``start..stop-1``, running (and caching) the guide on the blocks that hold them.
     """
 
-    def __init__(self, guide, x, num_particles, max_plate_nesting, seed, batch_index, device):
+    def __init__(self, guide, x, num_particles, max_plate_nesting, seed, batch_index, device, data_plate=None):
         self.guide = guide
         self.x = x
         self.num_particles = num_particles
@@ -103,6 +143,7 @@ class _GuideBlocks:
         self.seed = seed
         self.batch_index = batch_index
         self.device = device
+        self.data_plate = data_plate
         self.blocks = {}
 
     def _block(self, index):
@@ -111,13 +152,14 @@ class _GuideBlocks:
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(block_seed(self.seed, self.batch_index, index))
-                guide_trace = trace_guide(self.guide, (self.x,), {}, size, self.max_plate_nesting)
-            log_q, _, _ = guide_log_density(guide_trace, self.max_plate_nesting, size)
+                guide_run = trace_guide(self.guide, (self.x,), {}, size, self.max_plate_nesting)
+            guide_trace = guide_run.trace
+            terms = guide_log_density(guide_trace, self.max_plate_nesting, size, data_plate=self.data_plate,
+                                      allow_global=True)
             sites = {name: (site["value"], _particle_axis(site, self.max_plate_nesting), site["infer"])
                      for name, site in guide_trace.nodes.items()
                      if site["type"] == "sample" and not site["is_observed"]}
-            log_q = torch.as_tensor(log_q, device=self.x.device).expand(size, self.x.shape[0])
-            self.blocks[index] = (sites, log_q)
+            self.blocks[index] = (sites, terms, guide_run.enum_state)
         return self.blocks[index]
 
     def take(self, start, stop):
@@ -131,12 +173,15 @@ class _GuideBlocks:
             pieces.append((self._block(index), lo, hi))
         replay = poutine.Trace()
         for name, (_, axis, infer) in pieces[0][0][0].items():
-            parts = [sites[name][0].narrow(axis, lo, hi - lo) for (sites, _), lo, hi in pieces]
-            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)  # one block: a view
+            parts = [_narrow(sites[name][0], axis, lo, hi - lo) for (sites, _, _), lo, hi in pieces]
+            if len(parts) == 1 or all(part.shape[axis] == 1 for part in parts):
+                value = parts[0]  # one block: a view; or a value that does not depend on the particle
+            else:
+                value = torch.cat([part.expand(part.shape[:axis] + (hi - lo,) + part.shape[axis + 1:])
+                                   for part, (_, lo, hi) in zip(parts, pieces)], dim=axis)
             replay.add_node(name, type="sample", name=name, value=value, is_observed=False, infer=infer)
-        parts = [log_q[lo:hi] for (_, log_q), lo, hi in pieces]
-        log_q = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return replay, log_q
+        terms = _cat_terms([_narrow_terms(terms, lo, hi - lo) for (_, terms, _), lo, hi in pieces])
+        return replay, ChunkTerms(terms, pieces[0][0][2], (stop - start, self.x.shape[0] if torch.is_tensor(self.x) else len(self.x)))
 
 
 def chunk_particles(budget, bytes_per_particle_point, batch, num_samples, device):
@@ -177,12 +222,30 @@ def _trace_bytes(model_trace):
     return total
 
 
-def model_chunk_log_weights(model, x, replay, log_q, max_plate_nesting, guide_names):
-    """log w [k, b] for one chunk of particles: replay the model on the chunk's guide values."""
-    num_particles = log_q.shape[0]
-    model_trace = trace_model(model, replay, (x,), {}, num_particles, max_plate_nesting)
-    log_p, _ = model_log_density(model_trace, guide_names, max_plate_nesting, num_particles)
-    return log_p - log_q, model_trace
+def model_chunk_log_weights(model, x, replay, log_q, max_plate_nesting, guide_names, data_plate=None):
+    """``((log w, elbo) [k, b], model trace)`` for one chunk of particles: replay the model on the
+    chunk's guide values (``log_q``: the chunk's :class:`ChunkTerms`)."""
+    num_particles, num_points = log_q.shape
+    model_trace = trace_model(model, replay, (x,), {}, num_particles, max_plate_nesting, log_q.enum_state)
+    log_p, _, _ = model_log_density(model_trace, guide_names, max_plate_nesting, num_particles, data_plate=data_plate,
+                                    allow_global=True, guide_enumerated_dims=log_q.terms.enumerated_dims)
+    return combine(log_p, log_q.terms, num_particles, num_points), model_trace
+
+
+def _sequential_chunk(model, guide, x, num_samples, max_plate_nesting, seed, batch_index, data_plate):
+    """``(log w, elbo) [K, b]`` of a program whose particles run one at a time, each block of
+    :data:`PARTICLES_PER_SEED` from the seed of the vectorized path."""
+    log_w, elbo = [], []
+    for block in range(-(-num_samples // PARTICLES_PER_SEED)):
+        size = min(PARTICLES_PER_SEED, num_samples - block * PARTICLES_PER_SEED)
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(block_seed(seed, batch_index, block))
+            for _ in range(size):
+                weights = compute_importance_weights(model, guide, (x,), {}, 1, max_plate_nesting,
+                                                     data_plate=data_plate, allow_global=True, vectorize=False)
+                log_w.append(weights.log_weights)
+                elbo.append(weights.elbo)
+    return torch.cat(log_w), torch.cat(elbo)
 
 
 
@@ -200,7 +263,8 @@ class ChunkPlanner:
         # The first chunk of all is small and measures what a particle costs: at most 16 particles,
         # fewer when a guess of 16 bytes per data element and particle would exceed the budget.
         if self.bytes_per_particle_point is None:
-            return min(16, chunk_particles(self.budget, 16.0 * xb[0].numel(), xb.shape[0], num_samples, self.device))
+            point_size = math.prod(xb.shape[1:])
+            return min(16, chunk_particles(self.budget, 16.0 * point_size, xb.shape[0], num_samples, self.device))
         return chunk_particles(self.budget, self.bytes_per_particle_point, xb.shape[0], num_samples, self.device)
 
     def measured(self, model_trace, size, b, baseline, num_samples):
@@ -218,12 +282,30 @@ class ChunkPlanner:
         return chunk
 
 
-def _batch_statistics(model, guide, xb, batch_index, num_samples, seed, max_plate_nesting, planner, keep, progress):
+def _statistics(log_weights, elbo):
+    """:class:`WeightStatistics` of log weights ``[k, b]``; the mean of the log weights is replaced by
+    that of the ELBO terms where they differ (a guide that enumerates: the ELBO is q's expectation)."""
+    stats = WeightStatistics.from_log_weights(log_weights)
+    if elbo is not None and elbo is not log_weights:
+        terms = WeightStatistics.from_log_weights(elbo)
+        stats.mean, stats.m2 = terms.mean, terms.m2
+    return stats
+
+
+def _batch_statistics(model, guide, xb, batch_index, num_samples, seed, max_plate_nesting, planner, keep, progress,
+                      data_plate=None, vectorize=True):
     """:class:`WeightStatistics` of ``num_samples`` particles for each point of one batch, and the
     first ``keep`` log weights of each point (CPU, float32) for k-hat."""
     device = xb.device
     b = xb.shape[0]
-    blocks = _GuideBlocks(guide, xb, num_samples, max_plate_nesting, seed, batch_index, device)
+    if not vectorize:  # a program that does not broadcast over particles: one at a time
+        log_weights, elbo = _sequential_chunk(model, guide, xb, num_samples, max_plate_nesting, seed, batch_index,
+                                              data_plate)
+        planner.chunk_sizes.add(1)
+        progress.advance(num_samples * b)
+        kept = log_weights[:keep].detach().float().cpu() if keep else None
+        return _statistics(log_weights, elbo), kept
+    blocks = _GuideBlocks(guide, xb, num_samples, max_plate_nesting, seed, batch_index, device, data_plate)
     stats, kept, num_kept = None, [], 0
     chunk = planner.first_chunk(xb, num_samples)
     guide_names = None
@@ -245,8 +327,8 @@ def _batch_statistics(model, guide, xb, batch_index, num_samples, seed, max_plat
                     torch.cuda.synchronize(device)
                     baseline = torch.cuda.memory_allocated(device)
                     torch.cuda.reset_peak_memory_stats(device)
-                log_weights, model_trace = model_chunk_log_weights(model, xb, replay, log_q,
-                                                                   max_plate_nesting, guide_names)
+                (log_weights, elbo), model_trace = model_chunk_log_weights(model, xb, replay, log_q,
+                                                                           max_plate_nesting, guide_names, data_plate)
         except Exception as err:
             if not is_out_of_memory(err):
                 raise
@@ -260,7 +342,7 @@ def _batch_statistics(model, guide, xb, batch_index, num_samples, seed, max_plat
         if measuring:
             chunk = planner.measured(model_trace, size, b, baseline, num_samples)
         del model_trace, replay
-        piece = WeightStatistics.from_log_weights(log_weights)
+        piece = _statistics(log_weights, elbo)
         stats = piece if stats is None else stats.merge(piece)
         if num_kept < keep:
             kept.append(log_weights[: keep - num_kept].detach().float().cpu())
@@ -286,26 +368,39 @@ def guide_samples_nothing(guide, x):
                    and site["infer"].get("enumerate") != "parallel" for site in trace.nodes.values())
 
 
-def enumerated_statistics(model, guide, batches, num_samples, max_plate_nesting, progress):
-    """For a model whose latents are all enumerated: the exact log p(x) of each point (one particle,
-    every discrete latent summed out), as the statistics of ``num_samples`` equal weights."""
+def valid_points(batch):
+    """How many of a batch's points are real (a self-subsampling program's last batch is padded)."""
+    return getattr(batch, "valid", None) or len(batch)
+
+
+def enumerated_statistics(model, guide, batches, num_samples, max_plate_nesting, progress, data_plate=None):
+    """For a model whose latents are all enumerated, or whose guide draws only point masses: the log
+    p(x) of each point (one particle, no particle plate, every discrete latent summed out), as the
+    statistics of ``num_samples`` equal weights."""
     from .progress import or_silent
 
     progress = or_silent(progress)
     parts = []
     for _, xb in batches:
-        weights = compute_importance_weights(model, guide, (xb,), {}, 1, max_plate_nesting)
-        parts.append(WeightStatistics.constant(weights.log_weights[0], num_samples))
+        weights = compute_importance_weights(model, guide, (xb,), {}, 1, max_plate_nesting, data_plate=data_plate,
+                                             allow_global=True, vectorize=False)
+        valid = valid_points(xb)
+        stats = WeightStatistics.constant(weights.log_weights[0][:valid], num_samples)
+        if weights.elbo is not None and weights.elbo is not weights.log_weights:
+            stats.mean = weights.elbo[0][:valid].detach().double()  # the guide's expectation over its enumeration
+        parts.append(stats)
         progress.advance(num_samples * xb.shape[0])
     return WeightStatistics.cat(parts)
 
 
 def importance_sampling_statistics(model, guide, batches, num_samples, seed, max_plate_nesting, planner,
-                                   khat=False, progress=None):
+                                   khat=False, progress=None, data_plate=None, vectorize=True):
     """Weight statistics of ``num_samples`` particles per point over ``batches``, chunked by ``planner``.
 
     :param batches: ``[(batch_index, xb), ...]``; a batch's draws come from the seed blocks of
         ``(seed, batch_index, block)``, so the same batch index and seed give the same particles.
+        A batch may be a :class:`~pyro_lvm.protocol.SubsampleBatch` (its padding is left out).
+    :param data_plate: the data plate's name; ``vectorize``: False runs the particles one at a time.
     :param khat: also return the PSIS k-hat of each point (NaN where undefined).
     :returns: ``(WeightStatistics over the points of all batches in order, khat array or None,
         weights per point that k-hat used)``.
@@ -317,7 +412,11 @@ def importance_sampling_statistics(model, guide, batches, num_samples, seed, max
     for batch_index, xb in batches:
         keep = _kept_weights(num_samples, xb.shape[0], planner.budget) if khat else 0
         stats, kept = _batch_statistics(model, guide, xb, batch_index, num_samples, seed, max_plate_nesting,
-                                        planner, keep, progress)
+                                        planner, keep, progress, data_plate, vectorize)
+        valid = valid_points(xb)
+        if valid < len(xb):  # the padding of a self-subsampling program's last batch
+            stats = stats.select(torch.arange(valid, device=stats.count.device))
+            kept = kept[:, :valid] if kept is not None else None
         parts.append(stats)
         if khat:
             khats.append(pareto_khat(kept))

@@ -48,7 +48,7 @@ class RefinementResult:
 
 
 def sample_with_target(sample, x, batch_size, num_samples, statistic, seed, target=None, max_samples=None,
-                       cost=None, progress=None):
+                       cost=None, progress=None, batches=None):
     """Run ``sample`` on every point, then refine the points above ``target`` (see the module).
 
     :param sample: ``f(batches, num_samples, seed) -> (WeightStatistics, extras, khat or None,
@@ -58,9 +58,11 @@ def sample_with_target(sample, x, batch_size, num_samples, statistic, seed, targ
     :param target: EPS, or ``None`` for one round.
     :param max_samples: the cap on particles per point (default ``DEFAULT_CAP_FACTOR * num_samples``).
     :param cost: ``f(num_points, num_samples) -> units`` of progress for a round.
+    :param batches: the ``[(batch_index, xb), ...]`` to sample (default: ``x`` split in ``batch_size``
+        rows); the program's own batches where it has them (:meth:`pyro_lvm.protocol.Program.batches`).
     """
     cost = cost or (lambda points, k: points * k)
-    batches = list(enumerate(x.split(batch_size)))
+    batches = batches if batches is not None else list(enumerate(x.split(batch_size)))
     starts = np.cumsum([0] + [xb.shape[0] for _, xb in batches])
     if progress is not None:
         progress.add(cost(x.shape[0], num_samples))

@@ -126,7 +126,7 @@ def _curves(metrics, out_dir):
 
 def _samples(lvm, x, is_image, num_samples, out_dir, seed):
     with seeded(seed, x.device):
-        samples = draw_samples(lvm, num_samples)
+        samples = draw_samples(lvm, num_samples, like=x)
     path = out_dir / "samples.png"
     if is_image:
         figures.image_grid(samples, path)
@@ -143,7 +143,7 @@ def _reconstructions(lvm, x, is_image, sites, out_dir):
         section.note = "The guide samples no local latent: there is no code to reconstruct from."
         return section
     shown = x[:NUM_RECONSTRUCTIONS] if is_image else x[: figures.MAX_SCATTER_POINTS]
-    reconstructions = decoder_means(lvm, posterior_means(lvm, shown))
+    reconstructions = decoder_means(lvm, posterior_means(lvm, shown), like=shown)
     path = out_dir / "reconstructions.png"
     if is_image:
         figures.data_and_reconstructions(shown, reconstructions, path)
@@ -188,7 +188,7 @@ def _traversals(lvm, x, sites, diagnostics, out_dir):
         size = math.prod(shape)
         codes[name] = flat[:, start : start + size].reshape(-1, *shape)
         start += size
-    images = decoder_means(lvm, codes)
+    images = decoder_means(lvm, codes, like=x)
     path = figures.latent_traversals(images.reshape(len(dims), TRAVERSAL_STEPS, *images.shape[1:]),
                                      out_dir / "traversals.png")
     caption = (f"Each row moves one latent dimension from {-TRAVERSAL_RANGE:g} to {TRAVERSAL_RANGE:g} "

@@ -1,15 +1,18 @@
 """Fitting a model with stochastic variational inference, one readable loop.
 
-Each step draws a minibatch (sliced on the device), computes the objective's differentiable
-loss -- a Pyro ``ELBO`` run on the model and guide under :class:`~pyro_lvm.protocol.DataPlateScale`,
-so that a minibatch of B points estimates the bound on all N training points -- and takes an
-Adam step on the module's parameters (gradients clipped to a norm if asked), then the learning-rate
-schedule's step (:mod:`.schedules`). After every epoch the objective's bound is computed on the
-validation split with a fixed seed; :class:`~.checkpoints.ValidationTracker` keeps the best-validation
-checkpoint and decides early stopping; a line goes to ``metrics.jsonl`` and a checkpoint is written.
-A checkpoint holds the RNG states, the position in the epoch, the optimizer, the scheduler and the
-tracker, so ``--resume`` after a crash continues exactly as the uninterrupted run would have (bit for
-bit on CPU).
+Each step draws a minibatch (sliced on the device; for a program whose data plate subsamples itself,
+the whole split and the batch's indices, :meth:`pyro_lvm.protocol.Program.training_batches`),
+computes the objective's differentiable loss -- a Pyro ``ELBO`` run on the model and guide under
+:class:`~pyro_lvm.protocol.DataPlateScale`, so that a minibatch of B points estimates the bound on
+all N training points -- and takes an Adam step on the program's parameters (``pyro.param`` s
+included; gradients clipped to a norm if asked), then the learning-rate schedule's step
+(:mod:`.schedules`). After every epoch the objective's bound is computed on the validation split with
+a fixed seed (the global latents' terms charged once per N training points,
+:class:`~pyro_lvm.protocol.EvaluationScale`); :class:`~.checkpoints.ValidationTracker` keeps the
+best-validation checkpoint and decides early stopping; a line goes to ``metrics.jsonl`` and a
+checkpoint is written. A checkpoint holds the RNG states, the position in the epoch, the optimizer,
+the scheduler and the tracker, so ``--resume`` after a crash continues exactly as the uninterrupted
+run would have (bit for bit on CPU).
 """
 
 import math
@@ -23,7 +26,7 @@ import torch
 
 from ..data import DeviceBatches, iterate_in_order
 from ..errors import UserError
-from ..protocol import DataPlateScale
+from ..protocol import DataPlateScale, EvaluationScale
 from ..runs import append_jsonl, atomic_write_bytes, read_jsonl, save_checkpoint
 from .checkpoints import ValidationTracker
 from .fast import select_fast_path
@@ -65,7 +68,7 @@ def make_step_loss(objective, lvm, num_train, probe, device, config, log=print):
     the model and guide under :class:`DataPlateScale`. ``config["fast"] = False`` or the
     environment variable ``PYRO_LVM_FAST=0`` turns the fast path off.
     """
-    scale = DataPlateScale(num_train)
+    scale = training_scale(lvm, num_train)
     model, guide = scale(lvm.model), scale(lvm.guide)
 
     def plain(batch):
@@ -101,7 +104,7 @@ def with_cuda_graph(step_loss, lvm, config, device):
     from .cuda_graph import GraphedStepLoss, wants_cuda_graph
     from .fast import FastObjective
 
-    if isinstance(step_loss, FastObjective) and wants_cuda_graph(config, device):
+    if isinstance(step_loss, FastObjective) and wants_cuda_graph(config, device) and not getattr(lvm, "subsampling", False):
         return GraphedStepLoss(step_loss, lvm)
     return step_loss
 
@@ -133,13 +136,39 @@ def take_step(step_loss, optimizer, batch, reduce_loss=None, clip_grad_norm=0.0)
     return value, True
 
 
-def bound_per_point(objective, model, guide, x, batch_size, device, seed):
-    """The objective's bound per data point on ``x`` (unscaled), with a fixed seed."""
+def training_scale(lvm, num_train):
+    """The handler that scales a minibatch of ``lvm`` to the ``num_train`` training points."""
+    info = getattr(lvm, "info", None)
+    return DataPlateScale(num_train, info.data_plate.name if info is not None else "data",
+                          getattr(lvm, "current_points", None))
+
+
+def _evaluation_batches(lvm, x, batch_size):
+    if hasattr(lvm, "batches"):
+        return lvm.batches(x, batch_size)
+    return ((batch, len(batch)) for batch in iterate_in_order(x, batch_size))
+
+
+def bound_per_point(objective, model, guide, x, batch_size, device, seed, num_train=None, lvm=None):
+    """The objective's bound per data point on ``x``, with a fixed seed: local terms unscaled, the
+    global latents' terms charged ``b / num_train`` per batch of b points (once per training set)."""
     total = 0.0
+    plate = lvm.info.data_plate.name if getattr(lvm, "info", None) is not None else "data"
     with forked_rng(device, seed), torch.no_grad():
-        for batch in iterate_in_order(x, batch_size):
-            total -= objective.loss(model, guide, batch)
+        for batch, valid in _evaluation_batches(lvm, x, batch_size):
+            if num_train is None:
+                total -= objective.loss(model, guide, batch)
+                continue
+            share = EvaluationScale(num_train, valid, plate)
+            total -= objective.loss(share(model), share(guide), batch)
     return total / len(x)
+
+
+def model_device(lvm, data):
+    """The device of the program's parameters, else of the data (a program may have none before its first trace)."""
+    for tensor in list(lvm.parameters()) + list(lvm.buffers()):
+        return tensor.device
+    return data.device
 
 
 def train(lvm, data, objective, config, run_dir, resume_state=None, progress=True, log=print, distributed=None):
@@ -155,11 +184,15 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    device = next(lvm.parameters()).device
+    device = model_device(lvm, data.train)
     num_train = len(data.train)
-    batches = DeviceBatches(data.train, config["batch_size"], seed=config["seed"],
-                            dynamic_binarize=data.binarize == "dynamic")
-    scale = DataPlateScale(num_train)
+    if hasattr(lvm, "training_batches"):
+        batches = lvm.training_batches(data.train, config["batch_size"], seed=config["seed"],
+                                       dynamic_binarize=data.binarize == "dynamic")
+    else:
+        batches = DeviceBatches(data.train, config["batch_size"], seed=config["seed"],
+                                dynamic_binarize=data.binarize == "dynamic")
+    scale = training_scale(lvm, num_train)
     model, guide = scale(lvm.model), scale(lvm.guide)
     optimizer = make_optimizer(lvm, config["lr"], config.get("adam_betas") or (0.9, 0.999),
                                config.get("adam_eps") or 1e-8)
@@ -169,9 +202,21 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
     # Objectives set themselves up lazily at their first call (Pyro guesses max_plate_nesting from
     # a trace, which draws random numbers). One call under a forked RNG does that now, so the
     # training stream is the same for a fresh run and for one resumed mid-way.
-    # Without a validation split, the first training batch (binarized where the training set is
-    # binarized per batch, by its own seeded generator: the global stream is untouched).
-    probe = data.valid[:2] if len(data.valid) else next(batches.epoch(0))[1][:2]
+    evaluable = getattr(lvm, "has_posterior_for", lambda x: True)
+    if len(data.valid) and evaluable(data.valid):
+        probe_data = data.valid
+    elif data.binarize == "dynamic":
+        # The first training batch, binarized by the batches' own seeded generator (the global
+        # stream is untouched): raw intensities are not in a Bernoulli's support.
+        probe_data = next(batches.epoch(0))[1]
+    else:
+        probe_data = data.train
+    if not torch.is_tensor(probe_data):  # a self-subsampling plate's batch: one the program accepts
+        probe = probe_data
+    elif hasattr(lvm, "probe"):
+        probe = lvm.probe(probe_data)
+    else:
+        probe = probe_data[:2]
     with forked_rng(device, config["seed"]), torch.no_grad():
         objective.loss(model, guide, probe)
     step_loss = make_step_loss(objective, lvm, num_train, probe, device, config, log)
@@ -276,8 +321,10 @@ def train(lvm, data, objective, config, run_dir, resume_state=None, progress=Tru
                 bar.close()
 
             lvm.eval()
+            # A guide with one parameter per training point has no bound on other points (NaN).
             valid = bound_per_point(objective, lvm.model, lvm.guide, data.valid, config["batch_size"],
-                                    device, seed=config["seed"] + 1) if len(data.valid) and main else float("nan")
+                                    device, seed=config["seed"] + 1, num_train=num_train, lvm=lvm
+                                    ) if len(data.valid) and main and evaluable(data.valid) else float("nan")
             lvm.train()
             elapsed += time.monotonic() - started
             train_elbo = running.item() / max(running_points, 1)
