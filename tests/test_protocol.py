@@ -528,3 +528,28 @@ def test_the_fast_path_equals_the_pyro_objective_on_every_corpus_program(case):
                 continue
             torch.testing.assert_close(h, g, rtol=1e-4, atol=1e-5 * (1 + float(g.abs().max())), msg=case.name)
         assert fast.refused is None, fast.refused
+
+
+SEQUENCE_MODEL_WITH_A_BUG = """
+import pyro, pyro.distributions as dist, torch
+
+def model(sequences):
+    num_sequences, max_length, data_dim = sequences.shape
+    probs = pyro.param("probs", torch.full((data_dim,), 0.5))
+    with pyro.plate("sequences", num_sequences):
+        for t in pyro.markov(range(max_length)):
+            pyro.sample(f"y_{t}", dist.Bernoulli(probs).to_event(1), obs=sequences[:, t] * undefined_scale)
+
+def guide(sequences):
+    pass
+"""
+
+
+def test_a_bug_is_reported_under_the_point_shape_the_program_was_written_for(tmp_path, capsys):
+    """Sequences [N, T, D] load as (1, T, D) per point and are also tried as (T, D): the error to report
+    is the one the program reached under (T, D) (a NameError on the observed line), not the unpacking
+    error that (1, T, D) causes at its first line, and the message names the shape it ran on."""
+    path = write(tmp_path, "sequences.py", SEQUENCE_MODEL_WITH_A_BUG)
+    data = npz(tmp_path, (np.random.default_rng(0).random((40, 5, 3)) < 0.5).astype(np.float32))
+    err = refused(capsys, "fit", path, "--data", data, "--epochs", "1", "--out", tmp_path / "run")
+    assert "NameError" in err and "sequences.py:9 " in err and "(5, 3) per point" in err, err

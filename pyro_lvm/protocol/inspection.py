@@ -310,6 +310,18 @@ class _SubsampleSpy(poutine.messenger.Messenger):
             self.plates.setdefault(msg["name"], (msg["fn"].size, int(msg["fn"].subsample_size)))
 
 
+class _Progress(poutine.messenger.Messenger):
+    """Counts the sites a program reached: of several point shapes that all fail, the one under which
+    the program ran furthest is the one it was written for, and its failure is the one to report."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites = 0
+
+    def _process_message(self, msg):
+        self.sites += 1
+
+
 def _self_subsampling_plates(program, probe):
     spy = _SubsampleSpy()
     try:
@@ -339,28 +351,32 @@ def _trace_program(original, x):
             name, (_, size) = next(iter(subsampling.items()))
             program.info = _provisional_info(shape, DataPlate(name, -1, "subsampling", size))
             probe = program.probe(x)
+        progress = _Progress()
         try:
-            guide_trace, model_trace = _traces(program, probe)
+            with progress:
+                guide_trace, model_trace = _traces(program, probe)
         except UserError as err:
-            failures.append(err)
+            failures.append((progress.sites, err))
             continue
         except Exception as err:  # noqa: BLE001 -- sorted into the user's errors and ours below
-            described = _describe_failure(program, err, program.data_shape)
+            described = _describe_failure(program, err, shape)
             if described is None:
                 raise
-            failures.append(described)
+            failures.append((progress.sites, described))
             continue
+        reached = len(guide_trace.nodes) + len(model_trace.nodes)
         mismatch = _observed_mismatch(program, model_trace, shape)
         if mismatch is not None:
-            failures.append(mismatch)
+            failures.append((reached, mismatch))
             continue
         plate = _find_data_plate(program, model_trace, len(x) if subsampling else len(probe))
         mismatch = _broadcast_over_points(program, model_trace, plate, len(probe))
         if mismatch is not None:
-            failures.append(mismatch)
+            failures.append((reached, mismatch))
             continue
         return program, shape, plate, guide_trace, model_trace, probe
-    raise failures[0]
+    # the failure of the shape the program got furthest with (the first such shape on a tie)
+    raise max(failures, key=lambda failure: failure[0])[1]
 
 
 def _provisional_info(point_shape, plate=None):
