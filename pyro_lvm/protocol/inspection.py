@@ -235,6 +235,10 @@ def _observed_mismatch(program, model_trace, shape):
         except RuntimeError:
             broadcast = None
         if broadcast != expected or value.dim() > len(expected):
+            if not isinstance(fn, pyro.distributions.torch_distribution.TorchDistributionMixin):
+                return UserError(f"{program.program_name}.model observes {name!r} with a torch.distributions "
+                                 f"{type(fn).__name__}, which Pyro's plates do not broadcast; use Pyro's own "
+                                 f"(import pyro.distributions as dist; dist.{_likelihood_name(fn)}(...))")
             per_point = expected[1:] if len(expected) > len(fn.event_shape) else tuple(fn.event_shape)
             return UserError(f"the data have shape {tuple(program.data_shape)} per point but "
                              f"{program.program_name}.model observes {name!r} with a distribution of shape "
@@ -401,6 +405,13 @@ def _latent_sites(program, guide_trace, model_trace, plate):
         if enumerate_ not in (None, "parallel"):
             raise UserError(f"site {name!r} is marked enumerate={enumerate_!r}; pyro-lvm sums out discrete "
                             f"latents with parallel enumeration: mark it infer={{'enumerate': 'parallel'}}")
+        if discrete and not in_guide and not getattr(fn, "has_enumerate_support", False):
+            # config_enumerate passes such a site over silently: say why it cannot be summed out
+            raise UserError(f"discrete latent {name!r} of {program.program_name}.model cannot be enumerated: its "
+                            f"distribution ({_likelihood_name(fn)} with event shape {tuple(fn.event_shape)}) has no "
+                            f"enumerable support (Pyro cannot enumerate a .to_event() vector of discrete "
+                            f"values); declare its coordinates with a pyro.plate instead of .to_event(), or "
+                            f"sample it in the guide")
         guide_fn = guide_site["fn"] if in_guide else None
         latents.append(SiteInfo(
             name, tuple(fn.event_shape), tuple(fn.batch_shape), discrete, model_enumerated or guide_enumerated,
