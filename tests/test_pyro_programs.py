@@ -486,6 +486,22 @@ def truth_scvi_poisson(lvm, x):
     return quadrature(log_lik, len(x), 1), None
 
 
+def prototype_bits(seed=13, sizes=(300, 50, 50)):
+    """8 binary pixels from two noisy prototypes (the categorical VAE's data)."""
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    prototypes = np.array([[0.9] * 4 + [0.1] * 4, [0.1] * 4 + [0.9] * 4])
+    return _splits((rng.random((n, 8)) < prototypes[rng.choice(2, n)]).astype(np.float32), sizes)
+
+
+def truth_categorical_vae(lvm, x):
+    def log_lik(z, rows):
+        logits = lvm.decoder(z.float()).reshape(len(z), lvm.data_dim, lvm.num_categories).double()
+        return dist.Categorical(logits=logits).log_prob(x[rows].long().unsqueeze(1)).sum(-1)
+
+    return quadrature(log_lik, len(x), 1), None
+
+
 def predictive_by_guide(lvm, x, log_lik, num_samples=1000, seed=12):
     """Held-out predictive log (1/S) sum_s p(x_n | theta_s), theta_s ~ q drawn by running the fitted guide
     (any AutoGuide or easyguide); ``log_lik(values, x)`` -> [N] from the sampled globals."""
@@ -642,6 +658,8 @@ CASES = [
          truth=truth_dmm_linear, rate=True, two_sided=()),
     Case("scvi_poisson.py:CountVAE", poisson_counts, train(20, 0.01), CONTINUOUS, refused=("exact",),
          truth=truth_scvi_poisson, rate=True, two_sided=()),
+    Case("categorical_vae.py:CategoricalVAE", prototype_bits, train(20, 0.02), CONTINUOUS, refused=("exact",),
+         truth=truth_categorical_vae, rate=True),
     Case("local_params_subsample.py:LocalParamFA", linear_gaussian, train(30, 0.05, "--batch-size", "300"),
          refused=CONTINUOUS, truth=truth_local_params_fa, diagnose=EITHER, refusal_hint="amortiz",
          train_split=("is", "elbo")),
