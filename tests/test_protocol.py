@@ -409,7 +409,7 @@ def test_errors_in_the_users_code_name_the_file_and_line(tmp_path, capsys):
 def test_refusals_say_what_to_change(tmp_path, capsys):
     data = npz(tmp_path, GAUSSIANS)
     required = write(tmp_path, "required.py", MIXED.replace("data_dim=2", "data_dim"))
-    assert "give 'data_dim' a default" in refused(capsys, "fit", f"{required}:Shift", "--data", data,
+    assert "-p data_dim=VALUE" in refused(capsys, "fit", f"{required}:Shift", "--data", data,
                                                   "--out", tmp_path / "a")
     extra = write(tmp_path, "extra.py", PARAMS_ONLY.replace("def model(data):", "def model(data, lengths):"))
     assert "'lengths'" in refused(capsys, "fit", extra, "--data", data, "--out", tmp_path / "b")

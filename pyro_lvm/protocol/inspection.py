@@ -505,6 +505,27 @@ def _observation_map(program, x, plate, probe, observed):
     return {}
 
 
+def _unmapped_observations(program, model_trace, plate, probe, observed, positions):
+    """Observed sites the observation map did not place: the value of one that holds a whole point
+    exactly (a cast, ``obs=x.long()``, that carries no positions) is the data; any other is a
+    transform of the data (``(x - m) / s``, ``log1p(x)``, ``x > 0.5``), whose density is not the
+    density of x (the Jacobian, or the lost values, are missing): refused, with the fix."""
+    missing = [name for name in observed if name not in positions]
+    if not missing:
+        return {}
+    data = probe.data[probe.indices] if isinstance(probe, SubsampleBatch) else probe
+    data = program.to_program(data).reshape(len(data), -1)
+    if len(missing) == 1 and len(observed) == 1:
+        value = _value_by_point(model_trace.nodes[missing[0]], plate)
+        if value.shape == data.shape and torch.equal(value.to(data.dtype), data):
+            return {missing[0]: torch.arange(data.shape[1], device=data.device)}
+    raise UserError(f"{program.program_name}.model observes {', '.join(map(repr, missing))} with a value that is "
+                    f"not a part of x (a transform such as (x - m) / s, log1p(x) or x > 0.5?): its density is "
+                    f"not log p(x), the Jacobian of the transform is missing; observe x itself (a slice or "
+                    f"reshape of it) and put the transform in the distribution (dist.TransformedDistribution), "
+                    f"or transform the data file instead")
+
+
 def observed_values(info, trace):
     """The observed sites' values in ``trace`` (a sampling trace) put together into points
     ``[n, *point_shape]`` with the observation map."""
@@ -601,6 +622,7 @@ def _inspect(program, x):
     twin.info = _provisional_info(shape, plate)
     observed = [name for name, _ in _observed(model_trace)]
     positions = _observation_map(twin, x, plate, probe, observed)
+    positions.update(_unmapped_observations(twin, model_trace, plate, probe, observed, positions))
     latents = _latent_sites(twin, guide_trace, model_trace, plate)
     observed_sites = []
     for name, site in _observed(model_trace):
