@@ -642,3 +642,54 @@ def test_an_observation_from_torch_distributions_is_refused_naming_pyro_distribu
     path = write(tmp_path, "torch_dist.py", TORCH_DISTRIBUTION)
     err = refused(capsys, "fit", path, "--data", npz(tmp_path, GAUSSIANS), "--epochs", "1", "--out", tmp_path / "r")
     assert "torch.distributions" in err and "import pyro.distributions as dist" in err, err
+
+
+PART_OF_X = """
+import pyro, pyro.distributions as dist, torch
+
+def model(data):
+    loc = pyro.param("loc", torch.zeros(1))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(loc, 1.0).to_event(1), obs=data[:, :1])
+        OBSERVED_AGAIN
+
+def guide(data):
+    pass
+"""
+
+
+@pytest.mark.parametrize("again, expected", [("pass", "observes 1 of the 2 entries"),
+                                             ("pyro.sample('y', dist.Normal(0.0, 1.0).expand([len(data), 2])"
+                                              ".to_event(1), obs=data)", "more than once")])
+def test_observing_a_part_of_x_or_an_entry_twice_is_refused(tmp_path, capsys, again, expected):
+    """log p of x[:, :1] is not log p(x), and an entry observed twice is counted twice: both refused
+    before any run directory exists (they used to fit and report the wrong density as log p(x))."""
+    path = write(tmp_path, "part.py", PART_OF_X.replace("OBSERVED_AGAIN", again))
+    err = refused(capsys, "fit", path, "--data", npz(tmp_path, GAUSSIANS), "--epochs", "1", "--out", tmp_path / "r")
+    assert expected in err, err
+    assert not (tmp_path / "r").exists()
+
+
+TRANSFORMED_X = """
+import pyro, pyro.distributions as dist, torch
+
+def model(data):
+    loc = pyro.param("loc", torch.zeros(2))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(loc, 1.0).to_event(1), obs=OBSERVED)
+
+def guide(data):
+    pass
+"""
+
+
+@pytest.mark.parametrize("observed, works", [("(data - 1.0) / 2.0", False), ("torch.log1p(data.abs())", False),
+                                             ("data.double().float()", True), ("data.flip(-1)", True)])
+def test_a_transform_of_x_is_refused_and_a_cast_or_a_gather_is_the_data(tmp_path, capsys, observed, works):
+    path = write(tmp_path, "transformed.py", TRANSFORMED_X.replace("OBSERVED", observed))
+    args = ("fit", path, "--data", npz(tmp_path, GAUSSIANS), "--epochs", "1", "--quiet", "--out", tmp_path / "r")
+    if works:
+        code, _, err = cli(capsys, *args)
+        assert code == 0, err
+    else:
+        assert "Jacobian" in refused(capsys, *args)

@@ -526,6 +526,25 @@ def _unmapped_observations(program, model_trace, plate, probe, observed, positio
                     f"or transform the data file instead")
 
 
+def _check_coverage(program, point_shape, positions):
+    """The observed sites together must hold every entry of a data point exactly once: observing a part
+    of x (``obs=x[:, :2]``, the rest used as covariates or ignored) gives the density of that part, and
+    observing an entry twice counts it twice; neither is log p(x)."""
+    size = math.prod(point_shape) if point_shape else 1
+    if not positions:
+        return
+    counts = torch.bincount(torch.cat([p.reshape(-1).cpu() for p in positions.values()]), minlength=size)
+    sites = ", ".join(map(repr, positions))
+    if bool((counts > 1).any()):
+        raise UserError(f"{program.program_name}.model observes {int((counts > 1).sum())} of the {size} entries "
+                        f"of each data point more than once (sites {sites}): their density would be counted twice "
+                        f"in log p(x); observe each entry of x once")
+    if bool((counts == 0).any()):
+        raise UserError(f"{program.program_name}.model observes {int((counts > 0).sum())} of the {size} entries of "
+                        f"each data point (sites {sites}): the density of a part of x is not log p(x); observe "
+                        f"all of x, or give a data file with only the entries the model explains")
+
+
 def observed_values(info, trace):
     """The observed sites' values in ``trace`` (a sampling trace) put together into points
     ``[n, *point_shape]`` with the observation map."""
@@ -623,6 +642,7 @@ def _inspect(program, x):
     observed = [name for name, _ in _observed(model_trace)]
     positions = _observation_map(twin, x, plate, probe, observed)
     positions.update(_unmapped_observations(twin, model_trace, plate, probe, observed, positions))
+    _check_coverage(twin, shape, positions)
     latents = _latent_sites(twin, guide_trace, model_trace, plate)
     observed_sites = []
     for name, site in _observed(model_trace):
