@@ -8,6 +8,7 @@ For the guide q(z|x), the prior p(z) and the decoder p(x|z), averaged over the N
 - ELBO = -(D + R), the bound the model was trained on (Alemi et al., 2018, "Fixing a Broken ELBO");
 - active units (:mod:`.active_units`), the mutual information I_q(x; z) (:mod:`.mutual_information`)
   and the verdict (:mod:`.collapse`);
+- the fuzziness of the codes, E_q(z) of the spread of q(x|z) (:mod:`.fuzziness`), the ``fuzziness*`` keys;
 - optionally an importance-sampling estimate of log p(x) and the gap log p(x) - ELBO
   = E_x KL(q(z|x) || p(z|x)), how far the guide is from the true posterior.
 
@@ -23,6 +24,7 @@ import torch
 from ..errors import UserError
 from .active_units import ACTIVE_UNIT_THRESHOLD, active_unit_variances, count_active_units
 from .collapse import is_collapsed, verdict
+from .fuzziness import code_fuzziness
 from .kl import site_kl
 from .mutual_information import aggregate_posterior_mutual_information
 from .traces import (
@@ -49,12 +51,14 @@ def diagnose_model(
     seed=0,
     active_threshold=ACTIVE_UNIT_THRESHOLD,
     num_mi_samples=1,
+    num_fuzziness_samples=1,
 ):
     """Diagnose the latent usage of ``lvm`` on the data ``x`` (a tensor [N, *data_shape] on the
     model's device). Returns a JSON-able dict; see the module docstring for the quantities.
 
     ``batch_size`` bounds memory only: ``num_kl_samples`` particles of ``batch_size`` points are traced
     at once. The mutual information uses its own fixed chunks, so it does not depend on it.
+    ``num_fuzziness_samples`` codes per point are drawn for the fuzziness (0 skips it).
     ``labels`` (optional, [N]) adds a linear probe: how well a logistic regression predicts the
     label from the posterior means (3-fold cross-validated accuracy), against the majority class.
     """
@@ -106,6 +110,10 @@ def diagnose_model(
     # batch_size, so that it is the same number whatever the memory budget.
     with torch.no_grad(), seeded(seed, x.device):
         mutual_information = aggregate_posterior_mutual_information(lvm, x, sites, num_samples=num_mi_samples)
+    fuzziness = {}
+    if num_fuzziness_samples > 0:
+        with torch.no_grad(), seeded(seed, x.device):
+            fuzziness = code_fuzziness(lvm, x, sites, num_samples=num_fuzziness_samples).summary()
 
     latent_dims = sum(site.dims for site in sites)
     active = variances > active_threshold
@@ -133,6 +141,7 @@ def diagnose_model(
         "elbo": elbo,
         "collapsed": is_collapsed(active_units, latent_dims, mutual_information),
         "verdict": verdict(active_units, latent_dims, mutual_information, kl_total, num_points, inactive_kl),
+        **fuzziness,
     }
     if labels is not None:
         result.update(_label_probe(posterior_means, labels, seed))

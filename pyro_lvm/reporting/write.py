@@ -3,9 +3,10 @@
 The page answers, in order: did training converge (the bound per epoch), what does the model
 generate (samples), what does it keep of a data point (reconstructions through the posterior mean),
 what does the code look like (posterior means in 2-D, coloured by label; traversals of the most used
-dimensions for images), which dimensions are used (KL and activity per dimension), can the guide be
-trusted as an importance-sampling proposal (Pareto k-hat per point), and the diagnostics table of
-:func:`pyro_lvm.diagnostics.diagnose_run`, led by its posterior-collapse verdict.
+dimensions for images), which dimensions are used (KL and activity per dimension), how fuzzy the codes
+are (the sharpest and the fuzziest codes' decoded means beside the means of q(x|z), for images), can
+the guide be trusted as an importance-sampling proposal (Pareto k-hat per point), and the diagnostics
+table of :func:`pyro_lvm.diagnostics.diagnose_run`, led by its posterior-collapse verdict.
 """
 
 import json
@@ -15,8 +16,8 @@ import pathlib
 import numpy as np
 import torch
 
-from ..diagnostics import diagnose_run, model_device
-from ..diagnostics.traces import chunks, seeded
+from ..diagnostics import code_fuzziness, diagnose_run, model_device
+from ..diagnostics.traces import chunks, local_latent_sites, seeded, trace_guide_and_model
 from ..errors import UserError
 from . import figures
 from .decoding import decoder_means, draw_samples, flatten_codes, guide_latent_sites, posterior_means
@@ -26,6 +27,7 @@ NUM_RECONSTRUCTIONS = 32  # images: four rows of eight, each under its data row
 TRAVERSAL_DIMS = 8
 TRAVERSAL_STEPS = 9
 TRAVERSAL_RANGE = 3.0  # prior standard deviations either side
+FUZZINESS_CODES = 8  # the sharpest and the fuzziest codes shown, each
 
 DIAGNOSTIC_ROWS = (
     ("num_points", "data points"),
@@ -39,6 +41,8 @@ DIAGNOSTIC_ROWS = (
     ("elbo", "ELBO = -(D + R) (nats)"),
     ("is_log_px", "log p(x), importance sampling (nats)"),
     ("elbo_gap", "log p(x) - ELBO = KL(q || p(z|x)) (nats)"),
+    ("fuzziness", "fuzziness E_q(z) sum_d Var_q(x|z)[x_d] (squared units of x)"),
+    ("fuzziness_ratio", "fuzziness / total variance of the split"),
     ("label_probe_accuracy", "label from E[z|x], logistic regression accuracy"),
     ("label_chance_accuracy", "majority-class accuracy"),
     ("collapsed", "posterior collapse"),
@@ -79,6 +83,7 @@ def write_report(run, out_dir=None, split="test", num_samples=64, khat_points=20
         sections.append(_traversals(lvm, x, sites, diagnostics, out_dir))
     sections += [
         _kl_per_dimension(diagnostics, out_dir),
+        _fuzziness(lvm, x, data.is_image, diagnostics, out_dir, seed),
         _khat(lvm, x[:khat_points], khat_particles, out_dir, seed),
         _diagnostics_table(diagnostics),
         _configuration(run.config, split),
@@ -196,6 +201,43 @@ def _kl_per_dimension(diagnostics, out_dir):
     section.image, section.alt = path.name, "KL and activity per latent dimension"
     section.caption = ("Top: E_x KL(q(z_d|x) || p(z_d)) per dimension. Bottom: Var_x E[z_d|x] (log scale) "
                        "against the active-unit threshold (Burda et al., 2015).")
+    return section
+
+
+def _fuzziness(lvm, x, is_image, diagnostics, out_dir, seed):
+    section = Section("Fuzziness of codes")
+    if "fuzziness" not in diagnostics:
+        section.note = diagnostics.get("error", "No fuzziness diagnostic.")
+        return section
+    section.rows = [
+        ("fuzziness F = E_q(z) sum_d Var_q(x|z)[x_d]", diagnostics["fuzziness"]),
+        ("its Monte Carlo standard error", diagnostics["fuzziness_mc_stderr"]),
+        ("per coordinate of x", diagnostics["fuzziness_per_dim"]),
+        ("total variance of the split (F of codes that say nothing)", diagnostics["fuzziness_data_variance"]),
+        ("F / total variance", diagnostics["fuzziness_ratio"]),
+        ("data points a code mixes (mean ESS of q(x|z))", diagnostics["fuzziness_ess_mean"]),
+    ]
+    text = ("q(x|z) = p_data(x) q(z|x) / q(z) is the set of data points a code z stands for, weighted; a "
+            "factorized decoder's best fit to it is their average, so a broad q(x|z) means fuzzy samples "
+            "(Zhao, Song &amp; Ermon, 2017). F is its variance, summed over the coordinates of x and averaged "
+            "over codes z ~ q(z), on this split's points.")
+    if not is_image:
+        section.caption = text
+        return section
+    with torch.no_grad():
+        guide_trace, model_trace = trace_guide_and_model(lvm, x[:1])
+        with seeded(seed, x.device):  # the codes of diagnose_run, which uses the same seed
+            result = code_fuzziness(lvm, x, local_latent_sites(guide_trace, model_trace))
+        blocks = []
+        for indices in result.extremes(FUZZINESS_CODES):
+            codes = {name: code[indices] for name, code in result.codes.items()}
+            blocks.append((decoder_means(lvm, codes), result.data_means(indices), result.per_code[indices].tolist()))
+    path = figures.fuzziness_extremes(blocks[0], blocks[1], out_dir / "fuzziness.png")
+    section.image, section.alt, section.pixels = path.name, "the sharpest and the fuzziest codes", True
+    section.caption = (text + f" Left, the {len(blocks[0][2])} sharpest codes (smallest F(z)); right, the fuzziest. "
+                       "Top row: the decoder's mean E[x|z] (a sample of p(x|z) where the likelihood has no "
+                       "closed-form mean, as for a PixelCNN); bottom row: the mean of q(x|z), the average of "
+                       "the data points the code mixes.")
     return section
 
 
