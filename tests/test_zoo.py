@@ -493,7 +493,9 @@ def test_cached_sampling_is_exact(kind, data_shape):
         network = PixelCNN(data_shape, context_channels=2, num_layers=3, channels=6, first_kernel_size=5)
         context = torch.randn(64, 2, h, w)
     else:
-        network = GatedPixelCNN(data_shape, context_dim=3, num_layers=3, channels=6, first_kernel_size=5)
+        # Two channels: conditioned on the vector z alone (no map), whose term broadcasts over the crops.
+        network = GatedPixelCNN(data_shape, context_dim=3, num_layers=3, channels=6, first_kernel_size=5,
+                                conditioning_channels=0 if c == 2 else 4)
         context = torch.randn(64, 3)
         if kind == "fallback":
             network = WithoutSampler(network)

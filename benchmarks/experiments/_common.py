@@ -68,11 +68,12 @@ def finish(args, name, setting, rows, columns, extra=None, notes=()):
         print(note)
 
 
-def latent_usage(run, is_samples, limit=None, split="test", seed=0):
+def latent_usage(run, is_samples, limit=None, split="test", seed=0, batch_size=100):
     """The numbers every experiment reports, through the public API."""
     import pyro_lvm
 
-    evaluation = pyro_lvm.evaluate(run, split=split, estimator="is", samples=is_samples, limit=limit, seed=seed)
+    evaluation = pyro_lvm.evaluate(run, split=split, estimator="is", samples=is_samples, limit=limit, seed=seed,
+                                   batch_size=batch_size)
     diagnosis = pyro_lvm.diagnose(run, split=split)
     return {
         "is_log_px": evaluation["log_px"], "is_stderr": evaluation["stderr"], "is_points": evaluation["num_points"],
@@ -80,6 +81,7 @@ def latent_usage(run, is_samples, limit=None, split="test", seed=0):
         "active_units": diagnosis["active_units"], "latent_dims": diagnosis["latent_dims"],
         "mi": diagnosis["mutual_information"], "collapsed": diagnosis["collapsed"], "verdict": diagnosis["verdict"],
         "kl_per_dim": diagnosis["kl_per_dim"], "khat_max": evaluation.get("khat_max"),
+        "fuzziness": diagnosis.get("fuzziness"), "fuzziness_ratio": diagnosis.get("fuzziness_ratio"),
     }
 
 
