@@ -338,10 +338,10 @@ class GatedPixelCNNLayer(nn.Module):
     .. math::
 
         a_v = W_v \star v, \qquad
-        v' = 	anh(a_v^{f} + c_v^{f}) \odot \sigma(a_v^{g} + c_v^{g}),
+        v' = \tanh(a_v^{f} + c_v^{f}) \odot \sigma(a_v^{g} + c_v^{g}),
 
         a_h = W_h \star h + U \,\mathrm{shift}_\downarrow(a_v) + c_h, \qquad
-        h' = [h] + R\,ig(	anh(a_h^{f}) \odot \sigma(a_h^{g})ig),
+        h' = [h] + R\,\big(\tanh(a_h^{f}) \odot \sigma(a_h^{g})\big),
 
     with :math:`W_v` a :class:`VerticalConv2d`, :math:`W_h` a :class:`HorizontalConv2d`, :math:`U` and
     :math:`R` 1x1 convolutions (:math:`R` channel-masked, type ``"B"``), :math:`f, g` the two halves of
@@ -397,9 +397,9 @@ class GatedPixelCNN(nn.Module):
 
     .. math::
 
-        \mathrm{logits} = O_2\, \mathrm{relu}(O_1\, \mathrm{relu}(h_L)) + eta,
+        \mathrm{logits} = O_2\, \mathrm{relu}(O_1\, \mathrm{relu}(h_L)) + \beta,
 
-    with :math:`O_1, O_2` channel-masked 1x1 convolutions and :math:`eta` a per-pixel output bias
+    with :math:`O_1, O_2` channel-masked 1x1 convolutions and :math:`\beta` a per-pixel output bias
     (``output_bias``, which a model may set to the logit of the mean image). Every layer is
     conditioned on the context vector ``z`` (``context_dim`` wide) through a linear term, and, when
     ``conditioning_channels > 0``, on the map ``s = m(z)`` (a linear function of ``z`` reshaped to
