@@ -15,8 +15,10 @@ chosen by ``decoder``:
   stacked masks leave a blind spot above and to the right of each pixel.
 - ``"gated"``: the gated PixelCNN of van den Oord et al. (2016), "Conditional Image Generation with
   PixelCNN Decoders": vertical and horizontal stacks (no blind spot), gated tanh-sigmoid units, ``z``
-  the conditioning vector of every layer, plus the same location-dependent map :math:`s(z)`
-  (:class:`pyro_lvm.nn.GatedPixelCNN`). ``pixelcnn_layers`` sets its depth, the decoder's power.
+  the conditioning vector of every layer, plus a location-dependent map :math:`s(z)` from an MLP with
+  the encoder's widths reversed, which also enters the logits directly
+  (:class:`pyro_lvm.nn.GatedPixelCNN`): with the autoregressive weights at zero it is the factorized
+  ``vae``'s decoder, so ``pixelcnn_layers``, its depth, only adds power.
 
 Either way the likelihood is a :class:`pyro_lvm.distributions.PixelCNNBernoulli`. This is the PixelVAE of Gulrajani et al. (2017),
 "PixelVAE: A Latent Variable Model for Natural Images", in its simplest form. A decoder that can
@@ -65,10 +67,13 @@ class PixelCNNVAE(PyroModule):
         else:
             self.encoder = ConvEncoder(self.data_shape, 2 * latent_dim, (32, 64), hidden, activation)
         if decoder == "gated":
-            # z itself is the context: the gated network conditions every layer on it.
+            # z itself is the context: the gated network conditions every layer on it, and on the map
+            # s(z) of an MLP mirroring the encoder's widths (the factorized vae's decoder, in effect).
             self.pixelcnn = GatedPixelCNN(self.data_shape, latent_dim, num_layers=pixelcnn_layers,
                                           channels=pixelcnn_channels, first_kernel_size=first_kernel_size,
-                                          kernel_size=kernel_size, conditioning_channels=conditioning_channels)
+                                          kernel_size=kernel_size, conditioning_channels=conditioning_channels,
+                                          conditioning_hidden=tuple(reversed(hidden)),
+                                          conditioning_activation=activation)
         else:
             self.conditioner = nn.Linear(latent_dim, math.prod(self.conditioning_shape))
             self.pixelcnn = PixelCNN(self.data_shape, conditioning_channels, num_layers=pixelcnn_layers,

@@ -397,13 +397,18 @@ class GatedPixelCNN(nn.Module):
 
     .. math::
 
-        \mathrm{logits} = O_2\, \mathrm{relu}(O_1\, \mathrm{relu}(h_L)) + \beta,
+        \mathrm{logits} = O_2\, \mathrm{relu}(O_1\, \mathrm{relu}(h_L)) + \beta
+
+        + V_{\mathrm{out}} s,
 
     with :math:`O_1, O_2` channel-masked 1x1 convolutions and :math:`\beta` a per-pixel output bias
     (``output_bias``, which a model may set to the logit of the mean image). Every layer is
-    conditioned on the context vector ``z`` (``context_dim`` wide) through a linear term, and, when
-    ``conditioning_channels > 0``, on the map ``s = m(z)`` (a linear function of ``z`` reshaped to
-    ``conditioning_channels x H x W``) through a 1x1 convolution.
+    conditioned on the context vector ``z`` (``context_dim`` wide) through a linear term (eq. 4 of the
+    paper), and, when ``conditioning_channels > 0``, on the map ``s = m(z)`` through a 1x1 convolution
+    (eq. 5), where ``m`` is an :class:`MLP` with widths ``conditioning_hidden`` (none: linear) whose
+    output is reshaped to ``conditioning_channels x H x W``. The map also enters the logits directly
+    (:math:`V_{\mathrm{out}} s`, a 1x1 convolution), so that with the autoregressive weights at zero the
+    network is a factorized decoder ``m`` of ``z``: the autoregressive part can only add to it.
 
     The vertical stack at row i sees the rows above (a widening window), the horizontal stack the
     pixels to the left in row i, so with enough layers for the image's size the logit at a pixel
@@ -418,7 +423,7 @@ class GatedPixelCNN(nn.Module):
     context_event_dim = 1  # the context is a vector (the latent code)
 
     def __init__(self, data_shape, context_dim, num_layers=4, channels=32, first_kernel_size=7, kernel_size=3,
-                 conditioning_channels=4):
+                 conditioning_channels=4, conditioning_hidden=(), conditioning_activation="relu"):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"a PixelCNN needs at least one layer, got num_layers={num_layers}")
@@ -430,22 +435,29 @@ class GatedPixelCNN(nn.Module):
         self.context_dim = context_dim
         self.channels = channels
         self.conditioning_shape = (conditioning_channels, height, width)
-        self.context_map = (nn.Linear(context_dim, conditioning_channels * height * width)
-                            if conditioning_channels else None)
+        self.context_map = (MLP(context_dim, tuple(conditioning_hidden), conditioning_channels * height * width,
+                                conditioning_activation) if conditioning_channels else None)
         self.layers = nn.ModuleList(
             [GatedPixelCNNLayer(c, channels, first_kernel_size, "A", c, context_dim, conditioning_channels)]
             + [GatedPixelCNNLayer(channels, channels, kernel_size, "B", c, context_dim, conditioning_channels)
                for _ in range(num_layers - 1)])
         self.output_hidden = MaskedConv2d(channels, channels, 1, "B", data_channels=c)
         self.output = MaskedConv2d(channels, c, 1, "B", data_channels=c, bias=False)
+        self.output_conditioner = nn.Conv2d(conditioning_channels, c, 1, bias=False) if conditioning_channels else None
         self.output_bias = nn.Parameter(torch.zeros(data_shape))
 
     def condition(self, context):
-        """Every layer's conditioning terms (c_v, c_h), computed once from the context [N, context_dim]."""
-        context_map = None
+        """The conditioning, computed once from the context [N, context_dim]: every layer's terms
+        (c_v, c_h), and last the output's term (the bias, plus V_out s where there is a map)."""
+        output_term = self.output_bias
+        terms = []
         if self.context_map is not None:
             context_map = self.context_map(context).reshape((context.shape[0],) + self.conditioning_shape)
-        return [layer.condition(context, context_map) for layer in self.layers]
+            output_term = output_term + self.output_conditioner(context_map)
+            terms = [layer.condition(context, context_map) for layer in self.layers]
+        else:
+            terms = [layer.condition(context) for layer in self.layers]
+        return terms + [output_term]
 
     def forward(self, x, context):
         return self.forward_conditioned(x, self.condition(context))
@@ -465,7 +477,7 @@ class GatedPixelCNN(nn.Module):
         """Every layer's vertical pre-activation a_v on the centred image ``x``, which may hold only
         the image rows ``rows`` (a slice from the top): row r of the vertical stack reads rows <= r."""
         v, pre_activations = x, []
-        for layer, (condition_v, _) in zip(self.layers, conditioning):
+        for layer, (condition_v, _) in zip(self.layers, conditioning[:-1]):
             pre_activation, v = layer.vertical_step(v, _crop(condition_v, rows))
             pre_activations.append(pre_activation)
         return pre_activations
@@ -475,10 +487,10 @@ class GatedPixelCNN(nn.Module):
         ``rows`` x ``cols`` of the image (``from_vertical`` cropped alike); a crop that keeps every
         column left of the last one gives that column's exact logits."""
         h = x
-        for layer, term, (_, condition_h) in zip(self.layers, from_vertical, conditioning):
+        for layer, term, (_, condition_h) in zip(self.layers, from_vertical, conditioning[:-1]):
             h = layer.horizontal_step(h, term, _crop(condition_h, rows, cols))
         hidden = torch.relu(self.output_hidden(torch.relu(h)))
-        return self.output(hidden) + self.output_bias[:, rows, cols]
+        return self.output(hidden) + conditioning[-1][..., rows, cols]
 
     def sampler(self, context):
         """Pixel-by-pixel logits for ancestral sampling (see :func:`pyro_lvm.distributions.autoregressive_sample`):
