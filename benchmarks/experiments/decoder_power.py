@@ -8,8 +8,9 @@ factorized ``vae`` with the same encoder (an MLP with one hidden layer of 200 Re
 ``is`` log p(x), ELBO, KL, active units, I(x;z), the fuzziness of the codes (``pyro_lvm.diagnose``),
 and a figure of KL and log p(x) against depth with a grid of samples for each decoder.
 
-    python benchmarks/experiments/decoder_power.py          # small: 8x8 digits, a few minutes per decoder on one CPU thread
-    python benchmarks/experiments/decoder_power.py --full   # binarized MNIST 50k/10k/10k, 100 epochs, K=5000 (a GPU)
+    python benchmarks/experiments/decoder_power.py                  # small: 8x8 digits, a few minutes per decoder on one CPU thread
+    python benchmarks/experiments/decoder_power.py --mnist-subset   # the 5000/200/200 binarized-MNIST subset, 5 epochs, 16 channels
+    python benchmarks/experiments/decoder_power.py --full           # binarized MNIST 50k/10k/10k, 100 epochs, K=5000 (a GPU)
 
 Options to size a run: ``--depths 1,2,4``, ``--epochs N``, ``--is-samples K``, ``--test-limit N``,
 ``--channels C``. The ``--full`` setting prints the deepest gated decoder's test NLL beside the
@@ -18,12 +19,15 @@ published ones on the same data (PixelCNN 81.30, VLAE 79.03 nats).
 import torch
 
 import pyro_lvm
-from _common import finish, fresh_run_dir, latent_usage, log, parse_args
+from _common import finish, fresh_run_dir, latent_usage, log, mnist_subset, parse_args
 
 ENCODER = {"hidden": [200], "activation": "relu", "architecture": "mlp"}
 PUBLISHED_NLL = {"PixelCNN (van den Oord et al. 2016)": 81.30, "VLAE (Chen et al. 2017)": 79.03}
 SMALL = {"data": "digits", "latent_dim": 16, "channels": 32, "first_kernel_size": 3, "kernel_size": 3,
          "epochs": 100, "is_samples": 200, "test_limit": None, "grid": 36}
+# The seeded subset of factorized_vs_autoregressive.py's small setting (same file, same seed).
+MNIST_SUBSET = {"data": "binarized_mnist_subset.npz", "latent_dim": 32, "channels": 16, "first_kernel_size": 7,
+                "kernel_size": 3, "epochs": 5, "is_samples": 200, "test_limit": None, "grid": 36}
 FULL = {"data": "binarized-mnist", "latent_dim": 32, "channels": 64, "first_kernel_size": 7, "kernel_size": 3,
         "epochs": 100, "is_samples": 5000, "test_limit": None, "grid": 64}
 DEPTHS = (1, 2, 4, 8, 12)
@@ -38,6 +42,8 @@ def _options(parser):
     parser.add_argument("--is-samples", type=int, help="override the setting's K of the is estimate")
     parser.add_argument("--test-limit", type=int, help="estimate log p(x) on the first N test points only")
     parser.add_argument("--channels", type=int, help="override the gated PixelCNN's channels")
+    parser.add_argument("--mnist-subset", action="store_true",
+                        help="a second small setting: the seeded 5000/200/200 subset of binarized MNIST")
 
 
 def decoders(setting, depths):
@@ -53,14 +59,18 @@ def decoders(setting, depths):
 
 def main():
     args = parse_args(__doc__.splitlines()[0], extra=_options)
-    setting = dict(FULL if args.full else SMALL)
+    setting = dict(FULL if args.full else MNIST_SUBSET if args.mnist_subset else SMALL)
+    if args.mnist_subset and not args.full:
+        setting["data"] = str(mnist_subset(args, (5000, 200, 200)))
     for key in ("epochs", "is_samples", "test_limit", "channels"):
         if getattr(args, key) is not None:
             setting[key] = getattr(args, key)
     depths = [int(d) for d in args.depths.split(",") if d.strip()]
-    setting.update({"budget": "full" if args.full else "small", "depths": depths, "encoder": ENCODER,
-                    "objective": "elbo", "lr": 1e-3, "batch_size": 100, "seed": args.seed,
-                    "binarize": "static (Larochelle & Murray)" if args.full else "dynamic (train), static draw (test)"})
+    binary = args.full or args.mnist_subset
+    setting.update({"budget": "full" if args.full else "mnist-subset" if args.mnist_subset else "small",
+                    "depths": depths, "encoder": ENCODER, "objective": "elbo", "lr": 1e-3, "batch_size": 100,
+                    "seed": args.seed,
+                    "binarize": "static (Larochelle & Murray)" if binary else "dynamic (train), static draw (test)"})
     rows, grids = [], {}
     for label, depth, model, hparams in decoders(setting, depths):
         out = fresh_run_dir(args, "decoder-power-" + label.replace(" ", "-"))

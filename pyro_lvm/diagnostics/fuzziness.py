@@ -89,12 +89,12 @@ class CodeFuzziness:
         total = self.total_variance()
         dims = self.data_dims
         return {
-            "fuzziness": fuzziness,
-            "fuzziness_mc_stderr": None if math.isnan(stderr) else stderr,
-            "fuzziness_per_dim": fuzziness / dims,
-            "fuzziness_data_variance": total,
-            "fuzziness_ratio": fuzziness / total if total > 0 else None,
-            "fuzziness_ess_mean": float(self.ess.double().mean()),
+            "fuzziness": _finite(fuzziness),
+            "fuzziness_mc_stderr": _finite(stderr),
+            "fuzziness_per_dim": _finite(fuzziness / dims),
+            "fuzziness_data_variance": _finite(total),
+            "fuzziness_ratio": _finite(fuzziness / total) if total > 0 else None,
+            "fuzziness_ess_mean": _finite(float(self.ess.double().mean())),
             "fuzziness_codes": num_codes,
             "fuzziness_units": (
                 f"E_q(z) sum_d Var_q(x|z)[x_d]: squared units of x summed over its {dims} coordinates (for "
@@ -140,6 +140,11 @@ def code_fuzziness(lvm, x, sites, num_samples=1, chunk_size=None):
         per_code.append((weights @ squares - (mean**2).sum(-1)).clamp_min(0))
         ess.append(1.0 / (weights**2).sum(-1))
     return CodeFuzziness(x, sites, components, codes, sources, torch.cat(per_code), torch.cat(ess))
+
+
+def _finite(value):
+    """JSON has no NaN or infinity: None instead."""
+    return value if math.isfinite(value) else None
 
 
 def _log_weights(components, sites, codes):
