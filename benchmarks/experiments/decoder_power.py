@@ -127,8 +127,8 @@ def figure(rows, grids, path):
 
     positions = list(range(len(rows)))
     labels = ["fact." if row["depth"] == 0 else str(row["depth"]) for row in rows]
-    fig = plt.figure(figsize=(max(12, 2.2 * len(rows)), 7.5), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1])
+    fig = plt.figure(figsize=(max(12, 2.2 * len(rows)), 3.4 + 2.6 * 6 / max(6, len(rows))), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.25, 1])
     kl_ax, px_ax, fuzzy_ax = top.subplots(1, 3)
     kl_ax.plot(positions, [row["kl"] for row in rows], "o-", label="KL(q(z|x) || p(z))")
     kl_ax.plot(positions, [row["mi"] for row in rows], "s--", label="I(x;z)")
