@@ -44,7 +44,7 @@ DECODERS = ("plain", "gated")
 
 
 class PixelCNNVAE(PyroModule):
-    """A VAE whose decoder is a conditional PixelCNN over binary images ``(C, H, W)``."""
+    """A VAE whose decoder is a conditional PixelCNN over binary images ``(C, H, W)``: decoder=plain (masked convolutions) or gated (no blind spot)."""
 
     def __init__(self, data_shape, latent_dim=32, hidden=(200,), activation="relu", architecture="mlp",
                  pixelcnn_layers=4, pixelcnn_channels=32, first_kernel_size=7, kernel_size=3,
