@@ -20,7 +20,8 @@ chosen by ``decoder``:
   (:class:`pyro_lvm.nn.GatedPixelCNN`): with the autoregressive weights at zero it is the factorized
   ``vae``'s decoder, so ``pixelcnn_layers``, its depth, only adds power.
 
-Either way the likelihood is a :class:`pyro_lvm.distributions.PixelCNNBernoulli`. This is the PixelVAE of Gulrajani et al. (2017),
+Either way the likelihood is a :class:`pyro_lvm.distributions.PixelCNNBernoulli`. This is the PixelVAE of
+Gulrajani et al. (2017),
 "PixelVAE: A Latent Variable Model for Natural Images", in its simplest form. A decoder that can
 model the images alone may ignore ``z`` (posterior collapse, Chen et al., 2017, "Variational Lossy
 Autoencoder"): that is the optimum of the ELBO, not a bug, and ``pyro-lvm diagnose`` measures it.
@@ -44,7 +45,7 @@ DECODERS = ("plain", "gated")
 
 
 class PixelCNNVAE(PyroModule):
-    """A VAE whose decoder is a conditional PixelCNN over binary images ``(C, H, W)``: decoder=plain (masked convolutions) or gated (no blind spot)."""
+    """A VAE with a PixelCNN decoder over binary images ``(C, H, W)``: ``decoder`` plain or gated (no blind spot)."""
 
     def __init__(self, data_shape, latent_dim=32, hidden=(200,), activation="relu", architecture="mlp",
                  pixelcnn_layers=4, pixelcnn_channels=32, first_kernel_size=7, kernel_size=3,

@@ -108,7 +108,8 @@ def test_overlapping_codes_lie_between_and_rank_codes():
     assert separated + 1.0 < summary["fuzziness"] < total - 1.0
     sharpest, fuzziest = result.extremes(5)
     assert (result.per_code[sharpest] <= result.per_code[fuzziest].min()).all()
-    assert result.per_code[sharpest[0]] == result.per_code.min() and result.per_code[fuzziest[0]] == result.per_code.max()
+    assert result.per_code[sharpest[0]] == result.per_code.min()
+    assert result.per_code[fuzziest[0]] == result.per_code.max()
 
 
 def test_exact_posterior_of_a_linear_gaussian_gives_the_noise_variance():

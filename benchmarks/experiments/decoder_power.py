@@ -8,9 +8,9 @@ factorized ``vae`` with the same encoder (an MLP with one hidden layer of 200 Re
 ``is`` log p(x), ELBO, KL, active units, I(x;z), the fuzziness of the codes (``pyro_lvm.diagnose``),
 and a figure of KL and log p(x) against depth with a grid of samples for each decoder.
 
-    python benchmarks/experiments/decoder_power.py                  # small: 8x8 digits, a few minutes per decoder on one CPU thread
-    python benchmarks/experiments/decoder_power.py --mnist-subset   # the 5000/200/200 binarized-MNIST subset, 5 epochs, 16 channels
-    python benchmarks/experiments/decoder_power.py --full           # binarized MNIST 50k/10k/10k, 100 epochs, K=5000 (a GPU)
+    python benchmarks/experiments/decoder_power.py                 # small: 8x8 digits, 100 epochs (CPU, ~1 h)
+    python benchmarks/experiments/decoder_power.py --mnist-subset  # binarized MNIST 5000/200/200, 5 epochs
+    python benchmarks/experiments/decoder_power.py --full          # binarized MNIST 50k/10k/10k, 100 epochs, K=5000
 
 Options to size a run: ``--depths 1,2,4``, ``--epochs N``, ``--is-samples K``, ``--test-limit N``,
 ``--channels C``. The ``--full`` setting prints the deepest gated decoder's test NLL beside the
@@ -107,7 +107,8 @@ def notes(rows, full):
         lines = [f"KL falls below {COLLAPSE_KL:g} nat at depth {depth}."]
     elif gated:
         lowest = min(gated, key=lambda row: row["kl"])
-        lines = [f"KL stays above {COLLAPSE_KL:g} nat at every depth (lowest {lowest['kl']:.2f} nats, {lowest['decoder']})."]
+        lines = [f"KL stays above {COLLAPSE_KL:g} nat at every depth "
+                 f"(lowest {lowest['kl']:.2f} nats, {lowest['decoder']})."]
     else:
         lines = []
     if full and gated:
