@@ -1,12 +1,14 @@
 """Reliability at scale: provoke faults (hard kills inside checkpoint writes and mid-epoch, a full
-disk, torn metrics lines, a second writer) and feed hundreds of hostile data files and command lines
-to pyro-lvm; count what survived.
+disk, torn metrics lines, a second writer), feed hundreds of hostile data files and command lines
+to pyro-lvm, and run the eleven classes of hostile input of issue 12 (``tests/hostile_classes.py``:
+planted links, racing fits, CSV rows, damaged run files, resume conflicts, memory limits, odd paths,
+false messages, wrongly accepted input, non-JSON output, overwritten outputs); count what survived.
 
-    .venv/bin/python benchmarks/reliability.py [--hostile 400] [--quick]
+    .venv/bin/python benchmarks/reliability.py [--hostile 400] [--quick] [--round-two-only | --no-round-two]
 
 Goals: every interrupted run resumes bit-identical to an uninterrupted one; no hostile input ends
-in exit status 1 or a traceback, and none changes an existing run. Prints a table, then one JSON
-object on the last line.
+in exit status 1 or a traceback, and none changes an existing run; every case of every class is
+handled. Prints tables, then one JSON object on the last line.
 """
 import argparse
 import collections
@@ -188,22 +190,59 @@ def hostile_inputs(work, count):
     return results
 
 
+def round_two(work, quick):
+    """Every case of every class of ``tests/hostile_classes.py``: ``{class: [(case, code, problems)]}``."""
+    import hostile_classes as R
+
+    corpus = R.Corpus(work / "round-two")
+    results = {}
+    for name in R.CLASSES:
+        results[name] = [(case, code, problems) for case, code, _, problems in R.run_class(corpus, name, quick)]
+    return results
+
+
+def print_round_two(results):
+    print(f"\n{'hostile input, round two (issue 12)':44s} {'tried':>6s} {'handled':>8s} {'not':>5s} {'not run':>8s}")
+    counts = {}
+    for name, cases in results.items():
+        not_run = sum(1 for _, _, p in cases if p and all(x.startswith("not run") for x in p))
+        bad = sum(1 for _, _, p in cases if p) - not_run
+        counts[name] = {"tried": len(cases) - not_run, "handled": len(cases) - not_run - bad, "not_run": not_run}
+        print(f"{name:44s} {len(cases) - not_run:6d} {len(cases) - not_run - bad:8d} {bad:5d} {not_run:8d}")
+    total = {k: sum(c[k] for c in counts.values()) for k in ("tried", "handled", "not_run")}
+    print(f"{'all classes':44s} {total['tried']:6d} {total['handled']:8d} {total['tried'] - total['handled']:5d} "
+          f"{total['not_run']:8d}")
+    for name, cases in results.items():
+        for case, code, problems in [c for c in cases if c[2] and not c[2][0].startswith("not run")][:3]:
+            print(f"  NOT HANDLED [{name.split()[0]}] {case}: exit {code}: {'; '.join(problems)[:220]}")
+    return counts, total
+
+
 def main_():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hostile", type=int, default=400, help="hostile inputs to generate (default 400)")
-    parser.add_argument("--quick", action="store_true", help="fewer fault scenarios")
+    parser.add_argument("--quick", action="store_true", help="fewer fault scenarios and round-two cases")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--round-two-only", action="store_true", help="only the classes of issue 12")
+    which.add_argument("--no-round-two", action="store_true", help="without the classes of issue 12")
     options = parser.parse_args()
 
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="pyro-lvm-reliability-"))
+    tally, results, second = Tally(), [], {}
+    fault_seconds = hostile_seconds = second_seconds = 0.0
     try:
-        tally = Tally()
-        t0 = time.monotonic()
-        fault_scenarios(work, tally, options.quick)
-        fault_seconds = time.monotonic() - t0
-        t0 = time.monotonic()
-        results = hostile_inputs(work, options.hostile)
-        hostile_seconds = time.monotonic() - t0
+        if not options.round_two_only:
+            t0 = time.monotonic()
+            fault_scenarios(work, tally, options.quick)
+            fault_seconds = time.monotonic() - t0
+            t0 = time.monotonic()
+            results = hostile_inputs(work, options.hostile)
+            hostile_seconds = time.monotonic() - t0
+        if not options.no_round_two:
+            t0 = time.monotonic()
+            second = round_two(work, options.quick)
+            second_seconds = time.monotonic() - t0
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -225,6 +264,7 @@ def main_():
     for r in [r for r in results if r["warning"]][:5]:
         print(f"  python warning on stderr: pyro-lvm {' '.join(r['args'])[:200]}: {r['warning']}")
 
+    counts, total = print_round_two(second) if second else ({}, {"tried": 0, "handled": 0, "not_run": 0})
     resumable = [r for r in tally.rows if r["resumed"] is not None]
     summary = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
@@ -241,14 +281,20 @@ def main_():
         "hostile_changed_existing_run": sum(1 for r in results if r["changed_run"]),
         "hostile_ran_code": sum(1 for r in results if r["code_ran"]),
         "hostile_python_warnings_on_stderr": sum(1 for r in results if r["warning"]),
+        "round_two_tried": total["tried"],
+        "round_two_handled": total["handled"],
+        "round_two_not_run": total["not_run"],
+        "round_two_by_class": counts,
         "fault_seconds": round(fault_seconds, 1),
         "hostile_seconds": round(hostile_seconds, 1),
+        "round_two_seconds": round(second_seconds, 1),
         "seconds": round(time.monotonic() - started, 1),
     }
     print()
     print(json.dumps(summary))
     ok = (summary["hostile_exit_1_or_other"] == summary["hostile_tracebacks"] == summary["hostile_changed_existing_run"]
-          == summary["hostile_ran_code"] == 0 and summary["bit_identical_resumes"] == summary["resumes_attempted"])
+          == summary["hostile_ran_code"] == 0 and summary["bit_identical_resumes"] == summary["resumes_attempted"]
+          and total["handled"] == total["tried"])
     return 0 if ok else 1
 
 

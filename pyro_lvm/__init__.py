@@ -13,13 +13,11 @@ Importing the package is cheap; the heavy modules load on first use.
 
 import importlib
 
-import pyro
-
 __version__ = "0.1.0"
 
-# Parameters of a PyroModule live on the module, not in Pyro's global parameter store, so several
-# models can live in one process and ``state_dict()`` holds a model's whole state.
-pyro.settings.set(module_local_params=True)
+# Pyro's settings are left as Pyro has them: a user's program runs as under plain Pyro. Each program
+# keeps its ``pyro.param`` s in a parameter store of its own (pyro_lvm.protocol.program), so several
+# models live side by side in one process.
 
 _API = {
     "fit": "pyro_lvm.api",

@@ -29,6 +29,17 @@ def _hyperparameter(text):
     return key.strip(), value.strip()
 
 
+def _floats(text):
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas (like 0.9,0.999), got {text!r}") from None
+
+
+CHECKPOINT_HELP = ("which checkpoint to read: best (best validation bound), last, or auto (default: best for a run "
+                   "fit with --patience, last otherwise)")
+
+
 def _build_parser():
     parser = _Parser(prog="pyro-lvm", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -51,6 +62,23 @@ def _build_parser():
     fit.add_argument("--epochs", type=int, help="epochs (default 20)")
     fit.add_argument("--batch-size", type=int, help="minibatch size (default 100)")
     fit.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    fit.add_argument("--schedule", help="learning-rate schedule: constant (default), step, exponential, cosine, "
+                                        "iwae (3^i passes at lr*10^(-i/7), i=0..7, over --epochs)")
+    fit.add_argument("--lr-decay", type=float, metavar="GAMMA",
+                     help="step: times GAMMA every --lr-step epochs (default 0.1); exponential: per epoch (default 0.95)")
+    fit.add_argument("--lr-step", type=int, metavar="EPOCHS", help="step: epochs between decays (default 10)")
+    fit.add_argument("--lr-min", type=float, help="cosine: the final learning rate (default 0)")
+    fit.add_argument("--adam-betas", type=_floats, metavar="B1,B2", help="Adam's betas (default 0.9,0.999)")
+    fit.add_argument("--adam-eps", type=float, metavar="EPS",
+                     help="Adam's epsilon (default 1e-8), for the gradient of the loss scaled to all N training points")
+    fit.add_argument("--clip-grad-norm", type=float, metavar="MAX",
+                     help="clip the gradient to total norm MAX before each step (default 0: off)")
+    fit.add_argument("--patience", type=int, metavar="EPOCHS",
+                     help="early stopping: stop after EPOCHS epochs without a better validation bound (default 0: off)")
+    fit.add_argument("--min-delta", type=float, metavar="NATS",
+                     help="early stopping and the best checkpoint: the improvement per point that counts (default 0)")
+    fit.add_argument("--restarts", type=int, metavar="N",
+                     help="fit N initialisations (seeds SEED..SEED+N-1) and keep the best by validation bound (default 1)")
     fit.add_argument("--seed", type=int, help="random seed (default 0); a CPU run repeats exactly")
     fit.add_argument("--device", help="auto (default), cpu or cuda")
     fit.add_argument("--out", help="run directory (default: runs/MODEL-DATA)")
@@ -81,12 +109,18 @@ def _build_parser():
                           help="shard the points over torchrun's processes: torchrun --nproc_per_node N -m pyro_lvm.cli evaluate ...")
     evaluate.add_argument("--batch-size", type=int, default=100, help="data points per batch (default 100)")
     evaluate.add_argument("--max-memory-mb", type=float, default=1024, help="memory budget of one chunk of particles (default 1024)")
+    evaluate.add_argument("--target-mc-error", type=float, metavar="EPS",
+                          help="double K for the points whose Monte Carlo standard error exceeds EPS nats, up to "
+                               "--max-samples (elbo, is, ais)")
+    evaluate.add_argument("--max-samples", type=int, metavar="N",
+                          help="with --target-mc-error: at most N samples per point (default 64 times --samples)")
     evaluate.add_argument("--ais-steps", type=int, help="ais: annealing steps (default 200, sigmoid schedule)")
     evaluate.add_argument("--proposal", choices=["prior", "guide"], help="ais: start from the prior (default) or the guide")
-    evaluate.add_argument("--bdmc-points", type=int, default=0,
+    evaluate.add_argument("--bdmc-points", type=int,
                           help="ais: also run BDMC on N points simulated from the model (lower and upper bound)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", help="override the run's device (auto, cpu, cuda)")
+    evaluate.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help=CHECKPOINT_HELP)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     sample = commands.add_parser("sample", help="draw data from a fitted model: image grid or CSV")
@@ -95,6 +129,7 @@ def _build_parser():
     sample.add_argument("--out", help="output file (default RUN/samples.png or RUN/samples.csv)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device")
+    sample.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help=CHECKPOINT_HELP)
 
     diagnose = commands.add_parser("diagnose", help="KL per dimension, active units, mutual information, collapse")
     diagnose.add_argument("run", metavar="RUN")
@@ -102,6 +137,7 @@ def _build_parser():
     diagnose.add_argument("--is-samples", type=int, default=100,
                           help="importance samples for the ELBO-to-log p(x) gap (0 to skip; default 100)")
     diagnose.add_argument("--device")
+    diagnose.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help=CHECKPOINT_HELP)
     diagnose.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     report = commands.add_parser("report", help="write an HTML report with figures")
@@ -109,6 +145,7 @@ def _build_parser():
     report.add_argument("--out", help="folder (default RUN/report)")
     report.add_argument("--split", default="test", choices=["test", "valid", "train"])
     report.add_argument("--device")
+    report.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"], help=CHECKPOINT_HELP)
     return parser
 
 
@@ -151,7 +188,10 @@ def _cmd_fit(args):
              "particles": args.particles, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
              "seed": args.seed, "device": args.device, "checkpoint_every": args.checkpoint_every,
              "checkpoint_minutes": args.checkpoint_minutes, "on_nan": args.on_nan, "cuda_graph": args.cuda_graph,
-             "kl_warmup": args.kl_warmup, "kl_warmup_start": args.kl_warmup_start, "free_bits": args.free_bits}
+             "kl_warmup": args.kl_warmup, "kl_warmup_start": args.kl_warmup_start, "free_bits": args.free_bits,
+             "schedule": args.schedule, "lr_decay": args.lr_decay, "lr_step": args.lr_step, "lr_min": args.lr_min,
+             "adam_betas": args.adam_betas, "adam_eps": args.adam_eps, "clip_grad_norm": args.clip_grad_norm,
+             "patience": args.patience, "min_delta": args.min_delta, "restarts": args.restarts}
     options.pop("model", None)
     data = args.data or options.pop("data", None)
     options.pop("data", None)
@@ -160,33 +200,42 @@ def _cmd_fit(args):
     hparams.update(dict(args.hyperparameters))
     out = args.out or os.path.join("runs", f"{os.path.basename(str(model)).split(':')[-1].replace('.py', '')}-"
                                            f"{os.path.basename(str(data or api.default_data_for(model))).split('.')[0]}")
-    if args.resume:
-        resume_options = {k: v for k, v in flags.items() if k in ("epochs", "device") and v is not None}
-        api.fit(model, out=out, resume=True, progress=not args.quiet,
-                log=(lambda m: None) if args.quiet else None, distributed=args.distributed, **resume_options)
-    else:
-        api.fit(model, data, out=out, hyperparameters=hparams, progress=not args.quiet,
-                log=(lambda m: None) if args.quiet else None, distributed=args.distributed, **options)
+    args.run_dir = out  # for the messages of main(): what an interrupted fit left behind
+    # With --resume every option given is compared with the run's own (runs.check_resume_options).
+    api.fit(model, data, out=out, resume=args.resume, hyperparameters=hparams, progress=not args.quiet,
+            log=(lambda m: None) if args.quiet else None, distributed=args.distributed, **options)
     print(f"run written to {out}", file=sys.stderr)
 
 
 def _cmd_evaluate(args):
     from . import api
+    from .schema import json_compatible
 
-    ais_options = {key: value for key, value in (("num_steps", args.ais_steps), ("proposal", args.proposal),
-                                                 ("bdmc_points", args.bdmc_points)) if value}
+    if args.ais_steps is not None and args.ais_steps < 1:
+        raise UserError(f"--ais-steps must be at least 1, got {args.ais_steps}")
+    ais_options = {key: value for key, value in (("ais_steps", args.ais_steps), ("proposal", args.proposal),
+                                                 ("bdmc_points", args.bdmc_points)) if value is not None}
+    # The bar goes to stderr, and only when that is a terminal; none when --json output is piped.
+    progress = not (args.json and not sys.stdout.isatty())
     record = api.evaluate(args.run, split=args.split, estimator=args.estimator, samples=args.samples,
                           limit=args.limit, batch_size=args.batch_size, max_memory_mb=args.max_memory_mb,
-                          seed=args.seed, device=args.device, distributed=args.distributed, **ais_options)
+                          seed=args.seed, device=args.device, distributed=args.distributed,
+                          target_mc_error=args.target_mc_error, max_samples=args.max_samples, progress=progress,
+                          checkpoint=args.checkpoint,
+                          **ais_options)
     if args.distributed and _rank() != 0:  # every rank holds the result; rank 0 prints it
         return
-    if args.json:
-        print(json.dumps(record))
+    if args.json:  # standard JSON: a non-finite number is null, with its reason in "null_reason"
+        print(json.dumps(json_compatible(record), allow_nan=False))
     else:
+        mc = record.get("mc_stderr")
         print(f"{record['estimator']} (K={record['samples']}) on {record['num_points']} {record['split']} points: "
-              f"log p(x) = {record['log_px']:.4f} +- {record['stderr']:.4f} nats  ({record['seconds']:.2f} s)")
+              f"log p(x) = {record['log_px']:.4f} +- {record['stderr']:.4f} nats  ({record['seconds']:.2f} s; "
+              f"{record['checkpoint']} checkpoint, epoch {record['checkpoint_epoch']})")
+        print(f"  Monte Carlo standard error: {'undefined' if mc is None else f'{mc:.4f} nats'}")
         for key in sorted(set(record) - {"model", "run", "split", "estimator", "samples", "num_points",
-                                         "log_px", "stderr", "nll", "seconds"}):
+                                         "log_px", "stderr", "nll", "seconds", "mc_stderr", "samples_per_point",
+                                         "checkpoint", "checkpoint_epoch"}):
             print(f"  {key}: {record[key]}")
 
 
@@ -199,16 +248,18 @@ def _rank():
 def _cmd_sample(args):
     from . import api
 
-    path = api.sample(args.run, n=args.n, out=args.out, seed=args.seed, device=args.device)
+    path = api.sample(args.run, n=args.n, out=args.out, seed=args.seed, device=args.device, checkpoint=args.checkpoint)
     print(f"samples written to {path}")
 
 
 def _cmd_diagnose(args):
     from . import api
+    from .schema import json_compatible
 
-    result = api.diagnose(args.run, split=args.split, device=args.device, is_samples=args.is_samples)
+    result = api.diagnose(args.run, split=args.split, device=args.device, is_samples=args.is_samples,
+                          checkpoint=args.checkpoint)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(json_compatible(result), allow_nan=False))
         return
     for key, value in result.items():
         if isinstance(value, float):
@@ -221,7 +272,7 @@ def _cmd_diagnose(args):
 def _cmd_report(args):
     from . import api
 
-    path = api.report(args.run, out=args.out, split=args.split, device=args.device)
+    path = api.report(args.run, out=args.out, split=args.split, device=args.device, checkpoint=args.checkpoint)
     print(f"report written to {path}")
 
 
@@ -229,9 +280,31 @@ COMMANDS = {"models": _cmd_models, "datasets": _cmd_datasets, "fit": _cmd_fit, "
             "sample": _cmd_sample, "diagnose": _cmd_diagnose, "report": _cmd_report}
 
 
-def _environment_error(err):
+def _left_behind(args):
+    """A true sentence on what an interrupted or failed command left behind (a fit's checkpoint, or
+    nothing: evaluate records and sample and report write only once done, atomically)."""
+    command = getattr(args, "command", None)
+    if command == "fit":
+        run_dir = getattr(args, "run_dir", None)
+        if run_dir is None:
+            return "no run was written"
+        checkpoint, config = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "config.json")
+        if os.path.isfile(checkpoint) and not os.path.islink(checkpoint):
+            return f"the run's last checkpoint is intact: continue with pyro-lvm fit - --out {run_dir} --resume"
+        if os.path.isfile(config):
+            return (f"no checkpoint was written yet, so there is nothing to resume: delete {run_dir} and fit again")
+        return f"nothing was written to {run_dir}"
+    if command == "evaluate":
+        return "nothing was recorded in the run"
+    if command in ("sample", "report"):
+        return "no output was written (an earlier one is intact)"
+    return "nothing was written"
+
+
+def _environment_error(err, args=None):
     """A one-line message for an error of the machine rather than of pyro-lvm (out of memory, a full
-    disk, no permission), which the user fixes with smaller sizes or another place; else None."""
+    disk, no permission, a path the file system refuses), which the user fixes with smaller sizes or
+    another place; else None."""
     import errno
 
     text = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
@@ -240,19 +313,22 @@ def _environment_error(err):
                                                                     "not enough memory")))
     if out_of_memory:
         return (f"out of memory ({text}); lower --batch-size, --particles, --samples, -n or the model's "
-                f"size (-p), or free memory; a fit's last checkpoint is intact (--resume)")
+                f"size (-p), or free memory; {_left_behind(args)}")
     if isinstance(err, RuntimeError) and DEVICE_MISMATCH in str(err):
         return mixed_devices_message(text)
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
                                                   errno.EROFS):
         where = f" {err.filename}" if err.filename else ""
         return (f"cannot write{where}: {err.strerror or text}; free disk space or fix the permissions; "
-                f"a fit's last checkpoint is intact (--resume)")
+                f"{_left_behind(args)}")
+    if isinstance(err, OSError) and err.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP) and err.filename:
+        return f"cannot use the path {str(err.filename)[:120]}: {err.strerror}; choose another path"
     return None
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    args = None
     try:
         if len(argv) >= 2 and argv[0] == "fit" and any(a in ("-h", "--help") for a in argv[1:]) \
                 and not argv[1].startswith("-"):
@@ -275,10 +351,18 @@ def main(argv=None):
         print(f"error: {message}", file=sys.stderr)
         return err.exit_status
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact: continue with --resume", file=sys.stderr)
+        print(f"interrupted; {_left_behind(args)}", file=sys.stderr)
         return 130
-    except Exception as err:  # a bug in pyro-lvm, not bad input
-        environment = _environment_error(err)
+    except Exception as err:  # a bug in pyro-lvm, not bad input -- unless the user's model code raised it
+        from .protocol.loading import user_code_error
+
+        blamed = user_code_error(err)
+        if blamed is not None:
+            if os.environ.get("PYRO_LVM_DEBUG"):
+                traceback.print_exc()
+            print(f"error: {' '.join(str(blamed).split())}", file=sys.stderr)
+            return 2
+        environment = _environment_error(err, args)
         if environment is not None:  # the machine's limits, not a bug: one line, status 2
             print(f"error: {environment}", file=sys.stderr)
             return 2

@@ -94,7 +94,7 @@ def test_estimators_on_cuda_agree_with_cpu_and_with_the_closed_form(runs):
     exact_cpu = estimate_log_marginal(cpu_run.model, cpu_run.data.test, "exact").per_point
     torch.testing.assert_close(exact_gpu.cpu(), exact_cpu, rtol=1e-5, atol=1e-5)
 
-    for estimator, k, opts in (("is", 1000, {}), ("ais", 16, {"num_steps": 100})):
+    for estimator, k, opts in (("is", 1000, {}), ("ais", 16, {"ais_steps": 100})):
         est = estimate_log_marginal(gpu_run.model, x_gpu, estimator, num_samples=k, seed=1, **opts)
         difference = (est.per_point - exact_gpu).double()
         standard_error = float(difference.std() / math.sqrt(difference.numel()))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from pyro.nn import PyroModule
 
-import pyro_lvm  # noqa: F401  (sets module-local Pyro parameters)
+import pyro_lvm  # noqa: F401
 from pyro_lvm.diagnostics import diagnose_model
 
 LATENT_DIM = 4

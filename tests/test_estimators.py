@@ -4,9 +4,9 @@ The test models are defined here so that the tests stand alone (the zoo is teste
 Tolerances are Monte-Carlo standard errors computed from the estimates themselves.
 """
 
+import io
 import math
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -20,9 +20,13 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_lvm.errors import UserError
-from pyro_lvm.estimators import ESTIMATORS, estimate_log_marginal
+from pyro_lvm.estimators import ESTIMATORS, Progress, estimate_log_marginal
+from pyro_lvm.objectives import get_objective
+from pyro_lvm.protocol import inspect_model
 from pyro_lvm.estimators import importance_sampling
 from pyro_lvm.estimators.importance_weights import importance_log_weights
+from pyro_lvm.estimators.monte_carlo import WeightStatistics
+from montecarlo_helpers import assert_reported_error_matches_spread, over_seeds
 
 pyro.settings.set(module_local_params=True)
 
@@ -116,7 +120,7 @@ class MixtureWithContinuousLatent(PyroModule):
 
 
 class GlobalLatentModel(PyroModule):
-    """A global latent (outside the data plate): no per-point weight."""
+    """A global latent (outside the data plate) whose guide is its prior: the predictive is N(0, 2)."""
 
     def model(self, x=None, num_samples=1):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
@@ -137,6 +141,16 @@ def _data(lvm, n, seed=0):
 def ppca():
     lvm = LinearGaussian()
     return lvm, _data(lvm, 60)
+
+
+@pytest.fixture(scope="module")
+def ppca_wide_guide():
+    """PPCA whose guide has the posterior's mean and 1.5 times its scale: the weights are bounded."""
+    lvm = LinearGaussian(seed=1)
+    lvm.set_guide_to_exact_posterior()
+    with torch.no_grad():
+        lvm.L_raw.mul_(1.5)
+    return lvm, _data(lvm, 60, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -259,8 +273,6 @@ def test_bad_requests_raise_user_errors(ppca):
     lvm, x = ppca
     with pytest.raises(UserError, match="did you mean is"):
         estimate_log_marginal(lvm, x, "iss")
-    with pytest.raises(UserError, match="outside pyro.plate"):
-        estimate_log_marginal(GlobalLatentModel(), torch.randn(5, 1), "is", num_samples=10)
     with pytest.raises(UserError, match="at least 1"):
         estimate_log_marginal(lvm, x, "is", num_samples=0)
 
@@ -271,17 +283,208 @@ def test_bad_requests_raise_user_errors(ppca):
         estimate_log_marginal(NoMarginal(), x, "exact")
 
 
-def test_ais_is_dispatched_lazily(ppca, monkeypatch):
+def test_a_global_latent_gives_the_predictive_log_likelihood():
+    """mu ~ N(0, 1), x | mu ~ N(mu, 1), q(mu) = N(0, 1): log E_q p(x | mu) = log N(x; 0, 2), labelled as such."""
+    x = torch.linspace(-2.0, 2.0, 5).unsqueeze(-1)
+    est = estimate_log_marginal(GlobalLatentModel(), x, "is", num_samples=4000, seed=0)
+    exact = torch.tensor(scipy.stats.norm(0.0, math.sqrt(2.0)).logpdf(x.squeeze(-1).numpy()), dtype=torch.float32)
+    # The weights p(x | mu_k) have a relative spread below 2 here, so 4000 draws give an error < 0.05 nats.
+    torch.testing.assert_close(est.per_point, exact, atol=0.05, rtol=0)
+    assert est.extras["quantity"].startswith("predictive") and est.extras["global_latents"] == ["mu"]
+    # This program does not broadcast over particles (expand([1]) of a batched mu): it ran them one by one.
+    assert est.extras["max_chunk_particles"] == 1
+    with pytest.raises(UserError, match="global latents"):
+        get_objective("iwae", particles=2, model_info=inspect_model(GlobalLatentModel(), x))
+
+
+# ----- Monte Carlo standard errors -----
+
+def test_weight_statistics_merge_exactly_and_give_the_delta_method_error():
+    gen = torch.Generator().manual_seed(0)
+    log_w = torch.randn(300, 4, generator=gen, dtype=torch.float64) * torch.tensor([0.1, 1.0, 2.0, 0.5]) - 50.0
+    log_w[7, 3] = -math.inf  # a zero weight
+    whole = WeightStatistics.from_log_weights(log_w)
+    merged = WeightStatistics.from_log_weights(log_w[:1])
+    for piece in (log_w[1:130], log_w[130:131], log_w[131:]):
+        merged = merged.merge(WeightStatistics.from_log_weights(piece))
+    for field in ("count", "lse", "lse2"):
+        torch.testing.assert_close(getattr(merged, field), getattr(whole, field), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(merged.estimate("mean_log")[:3], whole.estimate("mean_log")[:3], rtol=1e-12, atol=1e-12)
+    assert merged.estimate("mean_log")[3] == -math.inf
+
+    # Against numpy on the weights themselves: log of the mean weight, and the delta method
+    # Var(log mean w) = s_w^2 / (K mean_w^2) with s_w the sample standard deviation.
+    w = np.exp(log_w.numpy() + 50.0)
+    K = w.shape[0]
+    np.testing.assert_allclose(whole.estimate("log_mean_exp").numpy(), np.log(w.mean(0)) - 50.0, rtol=1e-12)
+    delta = w.std(0, ddof=1) / (math.sqrt(K) * w.mean(0))
+    np.testing.assert_allclose(whole.mc_stderr("log_mean_exp").numpy(), delta, rtol=1e-9)
+    np.testing.assert_allclose(merged.mc_stderr("log_mean_exp").numpy(), delta, rtol=1e-9)
+    sd_log = log_w[:, :3].numpy().std(0, ddof=1) / math.sqrt(K)
+    np.testing.assert_allclose(whole.mc_stderr("mean_log")[:3].numpy(), sd_log, rtol=1e-9)
+    np.testing.assert_allclose(merged.mc_stderr("mean_log")[:3].numpy(), sd_log, rtol=1e-9)
+    # One weight says nothing about its own error.
+    assert torch.isnan(WeightStatistics.from_log_weights(log_w[:1]).mc_stderr("log_mean_exp")).all()
+
+
+@pytest.mark.parametrize("estimator", ["is", "elbo"])
+def test_reported_mc_error_matches_the_spread_over_seeds_on_ppca(ppca_wide_guide, estimator):
+    """The Monte Carlo standard error that ``is`` and ``elbo`` report for each point (and for the
+    mean) is the standard deviation of the estimate over seeds, within the sampling error of that
+    spread. The guide is wider than the posterior, so the weights have all their moments."""
+    lvm, x = ppca_wide_guide
+    estimates, errors, mean_errors = over_seeds(
+        lambda seed: estimate_log_marginal(lvm, x, estimator, num_samples=100, seed=seed), range(40))
+    assert_reported_error_matches_spread(estimates, errors, mean_errors)
+    # Not vacuous: the errors are those of K = 100 particles, far from zero.
+    assert 0.005 < float(errors.mean()) < 0.5
+
+
+def test_mc_error_is_zero_for_exact_values_and_undefined_for_one_particle(ppca, mixture):
     lvm, x = ppca
-    seen = {}
+    exact = estimate_log_marginal(lvm, x, "exact")
+    assert exact.mc_stderr == 0.0 and bool((exact.per_point_mc_stderr == 0).all())
+    one = estimate_log_marginal(lvm, x, "is", num_samples=1)
+    assert torch.isnan(one.per_point_mc_stderr).all() and math.isnan(one.mc_stderr)
+    mix, xm = mixture
+    enumerated = estimate_log_marginal(mix, xm, "is", num_samples=50)
+    assert enumerated.mc_stderr == 0.0 and enumerated.extras["exact_enumeration"] is True
 
-    def fake_ais(lvm_, x_, num_chains, **opts):
-        seen.update(num_chains=num_chains, **opts)
-        return torch.zeros(x_.shape[0]), {"num_steps": opts.get("num_steps")}
 
-    monkeypatch.setitem(sys.modules, "pyro_lvm.estimators.ais",
-                        types.SimpleNamespace(annealed_importance_log_marginal=fake_ais))
-    est = estimate_log_marginal(lvm, x, "ais", num_samples=16, num_steps=50)
-    assert seen == {"num_chains": 16, "num_steps": 50}
-    assert est.estimator == "ais" and est.log_px == 0.0 and est.extras == {"num_steps": 50}
+def test_is_on_a_fully_enumerated_model_is_exact_without_drawing_particles(mixture, monkeypatch):
+    """The guide draws nothing, so every particle would carry the same weight: one suffices."""
+    lvm, x = mixture
+    exact = estimate_log_marginal(lvm, x, "exact").per_point
+
+    def no_particles(*args, **kwargs):
+        raise AssertionError("particles were drawn for a model whose latents are all enumerated")
+
+    monkeypatch.setattr(importance_sampling, "model_chunk_log_weights", no_particles)
+    for name in ("is", "iwae", "elbo"):
+        est = estimate_log_marginal(lvm, x, name, num_samples=10 ** 7)
+        torch.testing.assert_close(est.per_point, exact, rtol=0, atol=1e-5)
+        assert est.extras["ess_mean"] == pytest.approx(10 ** 7)
+    assert est.samples_per_point.tolist() == [10 ** 7] * len(x)
+
+
+# ----- --target-mc-error -----
+
+def test_target_mc_error_doubles_particles_for_exactly_the_points_above_it(ppca):
+    lvm, x = ppca
+    K = 16
+    plain = estimate_log_marginal(lvm, x, "is", num_samples=K, batch_size=25, seed=3)
+    target = float(plain.per_point_mc_stderr.median())
+    refined = estimate_log_marginal(lvm, x, "is", num_samples=K, batch_size=25, seed=3, target_mc_error=target,
+                                    max_samples=64 * K)
+    above = plain.per_point_mc_stderr > target
+    samples = refined.samples_per_point
+    assert 0 < int(above.sum()) < len(x)
+    # The points at or below the target keep their K particles and their estimate, bit for bit.
+    assert bool((samples[~above] == K).all())
+    assert torch.equal(refined.per_point[~above], plain.per_point[~above])
+    # The others doubled, once or more, and are now at the target or at the cap.
+    assert bool((samples[above] >= 2 * K).all())
+    assert all(s in {K * 2 ** r for r in range(7)} for s in samples.tolist())
+    done = (refined.per_point_mc_stderr <= target) | (samples == 64 * K)
+    assert bool(done.all())
+    assert refined.extras["points_refined"] == int(above.sum())
+    assert refined.extras["points_above_target"] == int((refined.per_point_mc_stderr > target).sum())
+    assert refined.extras["samples_total"] == int(samples.sum())
+    # More particles, the same quantity: the refined estimates agree with the exact values.
+    exact = estimate_log_marginal(lvm, x, "exact").per_point
+    diff = (refined.per_point - exact).double()
+    assert abs(float(diff.mean())) < 4 * float(refined.mc_stderr) + 4 * float(diff.std()) / math.sqrt(len(x))
+    assert refined.mc_stderr < plain.mc_stderr
+    # Seeded: the same call gives the same numbers.
+    again = estimate_log_marginal(lvm, x, "is", num_samples=K, batch_size=25, seed=3, target_mc_error=target,
+                                  max_samples=64 * K)
+    assert torch.equal(again.per_point, refined.per_point) and torch.equal(again.samples_per_point, samples)
+
+
+def test_target_mc_error_stops_at_the_cap_and_refuses_what_it_cannot_do(ppca):
+    lvm, x = ppca
+    capped = estimate_log_marginal(lvm, x, "elbo", num_samples=4, target_mc_error=1e-9, max_samples=16)
+    assert capped.samples_per_point.tolist() == [16] * len(x)
+    assert capped.extras["points_above_target"] == len(x) and capped.extras["rounds"] == 3
+    with pytest.raises(UserError, match="iwae bound changes with K"):
+        estimate_log_marginal(lvm, x, "iwae", num_samples=4, target_mc_error=0.1)
+    for bad in (0, -1.0, math.inf, math.nan, True):
+        with pytest.raises(UserError, match="target-mc-error"):
+            estimate_log_marginal(lvm, x, "is", num_samples=4, target_mc_error=bad)
+    with pytest.raises(UserError, match="max-samples"):
+        estimate_log_marginal(lvm, x, "is", num_samples=8, target_mc_error=0.1, max_samples=4)
+    with pytest.raises(UserError, match="target-mc-error EPS as well"):
+        estimate_log_marginal(lvm, x, "is", num_samples=8, max_samples=64)
+
+
+# ----- dtype, options, progress -----
+
+class DtypeFollowingLinearGaussian(LinearGaussian):
+    """The PPCA above, with the prior's tensors made in the parameters' dtype."""
+
+    def model(self, x=None, num_samples=1):
+        n = x.shape[0] if x is not None else num_samples
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Normal(self.b.new_zeros(self.latent_dim), 1.0).to_event(1))
+            return pyro.sample("x", dist.Normal(z @ self.W.T + self.b, self.log_s.exp()).to_event(1), obs=x)
+
+    def log_marginal(self, x):
+        cov = self.W @ self.W.T + self.log_s.exp() ** 2 * torch.eye(self.W.shape[0], dtype=self.W.dtype)
+        return dist.MultivariateNormal(self.b, cov).log_prob(x)
+
+
+@pytest.mark.parametrize("estimator", ["elbo", "iwae", "is", "exact", "ais"])
+def test_a_float64_model_gets_float64_values(estimator):
+    lvm = DtypeFollowingLinearGaussian().double()
+    x = _data(lvm, 12)
+    assert x.dtype == torch.float64
+    opts = {"ais_steps": 3, "leapfrog_steps": 2} if estimator == "ais" else {}
+    est = estimate_log_marginal(lvm, x, estimator, num_samples=8, **opts)
+    assert est.per_point.dtype == torch.float64 and est.per_point_mc_stderr.dtype == torch.float64
+    exact = lvm.log_marginal(x).detach()
+    if estimator == "exact":  # float64 all the way: equal to float64 rounding, not float32's
+        torch.testing.assert_close(est.per_point, exact, rtol=1e-12, atol=1e-12)
+    est32 = estimate_log_marginal(DtypeFollowingLinearGaussian(), x.float(), estimator, num_samples=8, **opts)
+    assert est32.per_point.dtype == torch.float32
+
+
+def test_ais_takes_the_seed_and_its_options_by_one_name(ppca):
+    lvm, x = ppca
+    options = {"ais_steps": 4, "leapfrog_steps": 2}
+    first = estimate_log_marginal(lvm, x, "ais", num_samples=4, seed=1, **options)
+    again = estimate_log_marginal(lvm, x, "ais", num_samples=4, seed=1, **options)
+    other = estimate_log_marginal(lvm, x, "ais", num_samples=4, seed=2, **options)
+    assert torch.equal(first.per_point, again.per_point)
+    assert not torch.equal(first.per_point, other.per_point)
+    assert first.extras["ais_steps"] == 4 and first.extras["num_chains"] == 4
+    with pytest.raises(UserError, match="did you mean ais_steps"):
+        estimate_log_marginal(lvm, x, "ais", num_samples=4, num_steps=4)
+    with pytest.raises(UserError, match="they are AIS's"):
+        estimate_log_marginal(lvm, x, "is", num_samples=4, ais_steps=4)
     assert set(ESTIMATORS) == {"elbo", "iwae", "is", "exact", "ais"}
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("estimator,options", [("is", {}), ("ais", {"ais_steps": 3, "leapfrog_steps": 2})])
+def test_progress_bar_only_on_a_terminal(ppca, monkeypatch, estimator, options):
+    lvm, x = ppca
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    bar = Progress(True)
+    estimate_log_marginal(lvm, x, estimator, num_samples=300, batch_size=20, progress=bar,
+                          target_mc_error=1e-3, max_samples=600, **options)
+    assert bar.bar.total > 0 and bar.bar.n == bar.bar.total  # all the work counted, refinement included
+    bar.close()
+    assert "evaluate" in terminal.getvalue()
+    quiet = _Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    estimate_log_marginal(lvm, x, "is", num_samples=300, batch_size=20, progress=False)
+    assert quiet.getvalue() == ""
+    piped = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", piped)
+    estimate_log_marginal(lvm, x, "is", num_samples=300, batch_size=20, progress=True)
+    assert piped.getvalue() == ""

@@ -20,7 +20,7 @@ from test_diagnostics import DATA_DIM, NOISE, LinearGaussian, linear_gaussian_da
 
 import pyro_lvm  # noqa: F401  (sets module-local Pyro parameters)
 from pyro_lvm.diagnostics import code_fuzziness, diagnose_model
-from pyro_lvm.diagnostics.traces import local_latent_sites, seeded, trace_guide_and_model
+from pyro_lvm.diagnostics.traces import seeded
 
 SIZES = (100, 50, 150, 100)  # unequal clusters: the pooled variance weighs each by its size
 DIMS = 3
@@ -57,9 +57,8 @@ class ClusterCodes(PyroModule):
 
 
 def fuzziness_of(lvm, x, num_samples=1, seed=0):
-    guide_trace, model_trace = trace_guide_and_model(lvm, x[:1])
     with torch.no_grad(), seeded(seed, x.device):
-        return code_fuzziness(lvm, x, local_latent_sites(guide_trace, model_trace), num_samples=num_samples)
+        return code_fuzziness(lvm, x, num_samples=num_samples)
 
 
 def variance(points):
@@ -138,3 +137,62 @@ def test_diagnose_reports_fuzziness_with_units():
     # Seeded: the same number every time, and the same as the function itself with that seed.
     assert result["fuzziness"] == fuzziness_of(ClusterCodes(centres, spacing=100.0), x).summary()["fuzziness"]
     assert "fuzziness" not in diagnose_model(ClusterCodes(centres, spacing=100.0), x, num_fuzziness_samples=0)
+
+
+class PartlyObservedClusterCodes(ClusterCodes):
+    """ClusterCodes whose model observes only the first two coordinates of x, under a site of its own
+    name: the fuzziness is that of what the program observes."""
+
+    def model(self, x):
+        with pyro.plate("points", x.shape[0]):
+            pyro.sample("z", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+            pyro.sample("pixels", dist.Normal(torch.zeros(2), 10.0).to_event(1), obs=x[:, :2])
+
+    def guide(self, x):
+        cluster = torch.cdist(x, self.centres).argmin(-1)
+        with pyro.plate("points", x.shape[0]):
+            pyro.sample("z", dist.Normal(self.spacing * cluster.to(x.dtype)[:, None], 1.0).to_event(1))
+
+
+def test_fuzziness_of_the_observed_sites_of_the_program():
+    x, labels, centres = cluster_data()
+    result = fuzziness_of(PartlyObservedClusterCodes(centres, spacing=100.0), x, num_samples=2)
+    within = torch.tensor([variance(x[labels == k, :2]) for k in range(len(SIZES))], dtype=torch.float64)
+    torch.testing.assert_close(result.per_code, within[labels[result.sources]], rtol=1e-6, atol=1e-9)
+    summary = result.summary()
+    assert summary["fuzziness_data_variance"] == pytest.approx(variance(x[:, :2]), rel=1e-9)
+    assert "summed over its 2 coordinates" in summary["fuzziness_units"]
+    # E_q(x|z)[x] is in the data's shape, the unobserved coordinate zero.
+    first = int((labels == 1).nonzero()[0])
+    expected = torch.cat([x[labels == 1, :2].double().mean(0), torch.zeros(1, dtype=torch.float64)])
+    torch.testing.assert_close(result.data_means([first])[0].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+class HierarchicalCodes(PyroModule):
+    """A guide whose second site's distribution depends on the first one's draw: q(z2 | z1, x)."""
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+            pyro.sample("z2", dist.Normal(z1, 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(torch.zeros(DIMS), 10.0).to_event(1), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(x[:, :1] / 20.0, 1.0).to_event(1))
+            pyro.sample("z2", dist.Normal(z1, 0.5).to_event(1))
+
+
+def test_a_hierarchical_guide_gives_null_with_the_reason():
+    from pyro_lvm.diagnostics.fuzziness import SUMMARY_KEYS, FuzzinessUndefined
+    from pyro_lvm.schema import json_compatible
+
+    x, _, _ = cluster_data()
+    with pytest.raises(FuzzinessUndefined, match="distribution of z2 changes with its other random draws"):
+        fuzziness_of(HierarchicalCodes(), x)
+    result = diagnose_model(HierarchicalCodes(), x)
+    assert all(result[key] is None for key in SUMMARY_KEYS)
+    assert "hierarchical guide" in result["null_reason"]["fuzziness"]
+    assert math.isfinite(result["kl_total"])  # the rest of the diagnosis is there
+    shown = json_compatible(result)
+    assert shown["fuzziness"] is None and "hierarchical guide" in shown["null_reason"]["fuzziness"]

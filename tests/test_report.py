@@ -14,7 +14,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from pyro.nn import PyroModule
 
-import pyro_lvm  # noqa: F401  (sets module-local Pyro parameters)
+import pyro_lvm  # noqa: F401
 from pyro_lvm.reporting import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -12,6 +12,18 @@
 The data dir is ``--data-dir``, else ``$PYRO_LVM_DATA``, else ``./data``. Where the torchvision
 data sets are missing and the machine is online, torchvision downloads them there.
 
+A data file is checked before it is read: it must be a regular file (a directory, a FIFO or a
+device is named as such), and the arrays of a ``.npy``/``.npz`` (from their headers) and the
+storages of a ``.pt`` (from its zip directory) must fit in memory (:mod:`pyro_lvm.resources`), so a
+small compressed file that inflates to gigabytes is refused instead of killing the process. A CSV is
+read as UTF-8 with an optional byte-order mark; its first row is a header exactly when it does not
+parse as numbers. Values must be finite, and small enough that their squares (which Gaussian
+densities, covariances and PCA compute) stay finite in float32.
+
+Every :class:`DataSplits` carries a ``fingerprint``: the SHA-256 of the splits' float32 values
+before binarization, with their sizes and shape. ``fit`` stores it in ``config.json``, and
+``--resume``, ``evaluate`` and the other commands refuse a data file that changed since.
+
 Binarization (``none``, ``static``, ``dynamic``) maps intensities in [0, 1] to {0, 1}: ``static``
 draws x ~ Bernoulli(intensity) once for every split with a fixed seed; ``dynamic`` draws the
 training set afresh for every minibatch (the IWAE protocol) and uses the static draw for the
@@ -20,12 +32,17 @@ validation and test splits, so that evaluations are comparable.
 
 import dataclasses
 import difflib
+import hashlib
+import io
+import math
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import files, resources
 from ..errors import UserError
 
 _PACKAGE_DATA = Path(__file__).resolve().parent
@@ -48,6 +65,7 @@ class DataSplits:
     is_image: bool = False
     binarize: str = "none"
     source: str = ""
+    fingerprint: dict = None  # {"sha256", "sizes", "shape"} of the values before binarization
 
     @property
     def data_shape(self):
@@ -164,6 +182,19 @@ def describe_datasets(data_dir=None):
     return rows
 
 
+def data_fingerprint(x_train, x_valid, x_test):
+    """``{"sha256", "sizes", "shape"}`` of three splits: a hash of their shapes and float32 bytes."""
+    digest = hashlib.sha256()
+    for x in (x_train, x_valid, x_test):
+        values = x.detach().to("cpu", torch.float32).contiguous()
+        digest.update(repr(tuple(values.shape)).encode())
+        if values.numel():
+            digest.update(memoryview(values.numpy()).cast("B"))
+    return {"sha256": digest.hexdigest(),
+            "sizes": {"train": len(x_train), "valid": len(x_valid), "test": len(x_test)},
+            "shape": list(x_train.shape[1:])}
+
+
 def _split_by_permutation(x, labels, sizes):
     n = len(x)
     if sizes is None:
@@ -205,34 +236,43 @@ def _shape_points(x, path):
     return x
 
 
+DATA_FIX = "give a .npy/.npz/.csv/.pt file or a data set name (pyro-lvm datasets)"
+
+
+def _npy_header(f):
+    """``(shape, dtype)`` from the header of the ``.npy`` stream ``f``, without reading the data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        shape, _, dtype = np.lib.format._read_array_header(f, version)  # noqa: SLF001 -- version 3.0
+    return shape, dtype
+
+
+def _npy_bytes(f, path, member=None):
+    """``(shape, itemsize)`` from an array header (read before the data), or ``None`` if unreadable."""
+    try:
+        shape, dtype = _npy_header(f)
+    except Exception:  # noqa: BLE001 -- a broken header is reported by np.load below
+        return None
+    return shape, dtype.itemsize
+
+
 def _read_file(path):
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file {str(path)!r} does not exist; give an existing .npy/.npz/.csv/.pt file or a data set name")
+    what = files.kind(path, follow=True)
+    if what is None:
+        raise UserError(f"data file {str(path)!r} does not exist; {DATA_FIX}")
+    if what != "a regular file":
+        raise UserError(f"--data {str(path)!r} is {what}, not a data file; {DATA_FIX}")
     suffix = path.suffix.lower()
-    splits = None
+    if suffix not in (".npy", ".npz", ".csv", ".pt"):
+        raise UserError(f"unsupported data file type {suffix or '(no suffix)'!r} of {path}; use .npy, .npz, .csv or .pt")
     try:
-        if suffix == ".npy":
-            arrays = {"x": np.load(path, allow_pickle=False)}
-        elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        elif suffix == ".csv":
-            arrays = {"x": _read_csv(path)}
-        elif suffix == ".pt":
-            import warnings
-
-            with warnings.catch_warnings():  # torch's note on validating sparse tensors is not for users
-                warnings.simplefilter("ignore", UserWarning)
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(obj, torch.Tensor):
-                arrays = {"x": _tensor_to_numpy(obj)}
-            elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-                arrays = {k: _tensor_to_numpy(v) for k, v in obj.items()}
-            else:
-                raise UserError(f"{path} must hold a tensor or a dict of tensors (train, valid, test)")
-        else:
-            raise UserError(f"unsupported data file type {suffix!r}; use .npy, .npz, .csv or .pt")
+        with files.open_file(path, follow=True, fix=DATA_FIX) as f:
+            arrays = _read_arrays(f, path, suffix)
     except UserError:
         raise
     except Exception as err:
@@ -253,6 +293,53 @@ def _read_file(path):
     return _split_by_permutation(x, None, None)
 
 
+def _read_arrays(f, path, suffix):
+    """``{name: array}`` from the open data file ``f``, after checking that its arrays fit in memory."""
+    if suffix == ".npy":
+        header = _npy_bytes(f, path)
+        if header is not None:
+            resources.check_array_memory(*header, f"reading the array in {path}")
+        f.seek(0)
+        return {"x": np.load(f, allow_pickle=False)}
+    if suffix == ".npz":  # every array is read: their sizes together, from their headers
+        if zipfile.is_zipfile(f):
+            f.seek(0)
+            headers = []
+            with zipfile.ZipFile(f) as archive:
+                for info in archive.infolist():
+                    if info.filename.endswith(".npy"):
+                        with archive.open(info) as member:
+                            headers.append(_npy_bytes(member, path))
+            headers = [h for h in headers if h is not None]
+            if len(headers) == 1:
+                resources.check_array_memory(*headers[0], f"reading the array in {path}")
+            elif headers:
+                count = sum(math.prod(int(s) for s in shape) for shape, _ in headers)
+                itemsize = max(size for _, size in headers)
+                resources.check_array_memory((count,), itemsize, f"reading the {len(headers)} arrays of {path} "
+                                             f"(values in all)")
+        f.seek(0)
+        with np.load(f, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    if suffix == ".csv":
+        resources.check_file_memory(path, 8, f"reading the CSV {path}")
+        return {"x": _read_csv(f, path)}
+    import warnings
+
+    resources.check_zip_memory(f, f"reading {path}")
+    if not zipfile.is_zipfile(f):  # the legacy format: the file holds its storages as they are
+        resources.check_file_memory(path, 3, f"reading {path}")
+    f.seek(0)
+    with warnings.catch_warnings():  # torch's note on validating sparse tensors is not for users
+        warnings.simplefilter("ignore", UserWarning)
+        obj = torch.load(f, map_location="cpu", weights_only=True)
+    if isinstance(obj, torch.Tensor):
+        return {"x": _tensor_to_numpy(obj)}
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {str(k): _tensor_to_numpy(v) for k, v in obj.items()}
+    raise UserError(f"{path} must hold a tensor or a dict of tensors (train, valid, test)")
+
+
 def _tensor_to_numpy(tensor):
     """A saved tensor as numpy: sparse tensors densified, bfloat16 (which numpy lacks) as float32."""
     tensor = tensor.detach()
@@ -263,25 +350,45 @@ def _tensor_to_numpy(tensor):
     return tensor.numpy()
 
 
-def _read_csv(path):
-    with open(path, newline="") as f:
-        first = f.readline()
-    if not first.strip():
-        raise UserError(f"{path} is empty; give a CSV with one data point per row")
+def _parses_as_numbers(row):
+    """Whether one CSV row is numbers, by the parser that reads the body (numpy's)."""
+    import warnings
+
     try:
-        [float(v) for v in first.strip().split(",")]
-        skip = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            np.loadtxt(io.StringIO(row), delimiter=",", quotechar='"', ndmin=2, dtype=np.float64)
+        return True
     except ValueError:
-        skip = 1  # a header row
+        return False
+
+
+def _read_csv(f, path):
+    """A CSV table of numbers: UTF-8 (a byte-order mark is dropped, not taken for part of the first
+    cell), with a header row exactly when the first non-blank row does not parse as numbers."""
+    try:
+        text = f.read().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start}); save the CSV as UTF-8") from None
+    lines = text.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is None:
+        raise UserError(f"{path} is empty; give a CSV with one data point per row")
+    header = not _parses_as_numbers(lines[first])
+    body = lines[first + 1:] if header else lines[first:]
     import warnings
 
     with warnings.catch_warnings():  # an empty body is reported below, in one line, not as a warning
         warnings.simplefilter("ignore", UserWarning)
-        table = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64)
+        table = np.loadtxt(io.StringIO("\n".join(body)), delimiter=",", quotechar='"', ndmin=2, dtype=np.float64)
     if table.size == 0:
-        raise UserError(f"{path} has no data rows{' under its header' if skip else ''}; give a CSV with one "
+        raise UserError(f"{path} has no data rows{' under its header' if header else ''}; give a CSV with one "
                         f"data point per row")
     return table
+
+
+#: Largest |x| accepted: (x - m)^2 for m up to |x| must stay below float32's maximum.
+MAX_ABS_VALUE = float(np.sqrt(np.finfo(np.float32).max)) / 2
 
 
 def _check_values(splits, source):
@@ -292,6 +399,11 @@ def _check_values(splits, source):
             bad = int((~torch.isfinite(x)).any(dim=tuple(range(1, x.dim()))).sum()) if x.dim() > 1 else int((~torch.isfinite(x)).sum())
             raise UserError(f"{source}: {bad} {split} point(s) contain NaN or infinite values; "
                             f"remove or impute them before fitting")
+        largest = max(-float(x.min()), float(x.max())) if x.numel() else 0.0
+        if largest > MAX_ABS_VALUE:
+            raise UserError(f"{source}: {split} values reach {largest:.3g}, so their squares (in Gaussian densities, "
+                            f"covariances, PCA) overflow float32; rescale the data to |x| below {MAX_ABS_VALUE:.2g} "
+                            f"(divide by a constant)")
 
 
 def _static_binarize(x):
@@ -313,7 +425,7 @@ def load_dataset(name, data_dir=None, binarize="none"):
     key = str(name).lower()
     if key in DATASETS:
         splits, is_image, source = DATASETS[key][0](data_dir)
-    elif Path(name).suffix.lower() in (".npy", ".npz", ".csv", ".pt") or Path(name).exists():
+    elif Path(name).suffix.lower() in (".npy", ".npz", ".csv", ".pt") or os.path.lexists(name):
         splits = _read_file(name)
         is_image, source = splits[0].dim() == 4, str(Path(name).resolve())
     else:
@@ -322,10 +434,11 @@ def load_dataset(name, data_dir=None, binarize="none"):
         raise UserError(f"unknown data set {name!r}; {hint} (or give a .npy/.npz/.csv/.pt path)")
     _check_values(splits, source)
     x_train, x_valid, x_test, *labels = splits
+    fingerprint = data_fingerprint(x_train, x_valid, x_test)
     if binarize != "none":
         x_valid, x_test = _static_binarize(x_valid), _static_binarize(x_test)
         x_train = _static_binarize(x_train) if binarize == "static" else x_train
         if binarize == "dynamic" and (x_train.min() < 0 or x_train.max() > 1):
             raise UserError("dynamic binarization needs intensities in [0, 1]; rescale the data or use --binarize none")
     return DataSplits(str(name), x_train.contiguous(), x_valid.contiguous(), x_test.contiguous(), *labels,
-                      is_image=is_image, binarize=binarize, source=source)
+                      is_image=is_image, binarize=binarize, source=source, fingerprint=fingerprint)

@@ -38,23 +38,31 @@ class SiteKL:
     analytic: bool
 
 
-def site_kl(q, p, value):
+def site_kl(q, p, value, analytic=True):
     """KL(q || p) for one sample site, given the guide's sampled ``value`` (used for Monte Carlo).
 
-    ``q`` and ``p`` are the site's distributions from the guide and the replayed model traces.
+    ``q`` and ``p`` are the site's distributions from the guide and the replayed model traces. With
+    ``analytic=False`` the closed form is not used even where torch has one: the site's closed-form
+    KL is the KL of the guide only when p's parameters do not depend on latents the guide draws
+    after this site (:func:`pyro_lvm.diagnostics.traces.analytic_kl_is_exact`).
     """
     event_dims = len(q.event_shape)
     batch_shape = value.shape[: value.dim() - event_dims]
     q_factor, p_factor = unwrap_factors(q), unwrap_factors(p)
     if q_factor.event_shape == () and p_factor.event_shape == ():
         try:
-            terms, analytic = kl_divergence(q_factor, p_factor), True
+            if not analytic:
+                raise NotImplementedError
+            terms, exact = kl_divergence(q_factor, p_factor), True
         except NotImplementedError:
-            terms, analytic = q_factor.log_prob(value) - p_factor.log_prob(value), False
-        per_dim = terms.expand(value.shape).reshape(*batch_shape, -1)
-        return SiteKL(per_dim, per_dim.sum(-1), analytic)
+            terms, exact = q_factor.log_prob(value) - p_factor.log_prob(value), False
+        shape = torch.broadcast_shapes(terms.shape, value.shape)
+        per_dim = terms.expand(shape).reshape(*shape[: len(shape) - event_dims], -1)
+        return SiteKL(per_dim, per_dim.sum(-1), exact)
     try:
-        total, analytic = kl_divergence(q, p), True
+        if not analytic:
+            raise NotImplementedError
+        total, exact = kl_divergence(q, p), True
     except NotImplementedError:
-        total, analytic = q.log_prob(value) - p.log_prob(value), False
-    return SiteKL(None, total.expand(batch_shape), analytic)
+        total, exact = q.log_prob(value) - p.log_prob(value), False
+    return SiteKL(None, total.expand(torch.broadcast_shapes(total.shape, batch_shape)), exact)

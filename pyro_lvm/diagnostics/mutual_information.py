@@ -34,7 +34,7 @@ import math
 import pyro.poutine as poutine
 import torch
 
-from .traces import chunks, unwrap_factors
+from .traces import unwrap_factors
 
 
 PAIRWISE_ELEMENTS = 2**24  # bounds the [codes, points, latent dims] tensor of one chunk pair (64 MiB)
@@ -45,28 +45,34 @@ def aggregate_posterior_mutual_information(lvm, x, sites, num_samples=1, chunk_s
 
     ``chunk_size`` (points per chunk) defaults to what keeps one chunk pair within
     ``PAIRWISE_ELEMENTS``; it depends on the latent size only, never on the caller's batch size.
-    Call under ``torch.no_grad()`` and a seeded RNG.
+    The guide runs on the program's own batches (:meth:`~pyro_lvm.protocol.Program.batches`: for a
+    self-subsampling plate, its subsample size, the padding of the last batch left out of the
+    mixture). Call under ``torch.no_grad()`` and a seeded RNG.
     """
+    from ..protocol import as_program
+
+    program = as_program(lvm)
     num_points = x.shape[0]
     if chunk_size is None:
         latent_dims = sum(site.dims for site in sites)
         chunk_size = max(16, min(1024, int(math.sqrt(PAIRWISE_ELEMENTS / (num_samples * latent_dims)))))
     components, codes, own_log_q = [], [], []
-    for part in chunks(num_points, chunk_size):
-        draws = [poutine.trace(lvm.guide).get_trace(x[part]) for _ in range(num_samples)]
+    for batch, valid in program.batches(x, chunk_size):
+        draws = [poutine.trace(program.guide).get_trace(batch) for _ in range(num_samples)]
         # The mixture components q(.|x_m): one distribution per site, batch shape [chunk].
-        components.append({site.name: draws[0].nodes[site.name]["fn"] for site in sites})
+        components.append(({site.name: draws[0].nodes[site.name]["fn"] for site in sites}, valid))
         # Codes z_nk, k-major, and log q(z_nk|x_n) from the very trace that drew them.
-        codes.append({site.name: torch.cat([draw.nodes[site.name]["value"] for draw in draws]) for site in sites})
-        own_log_q.append(torch.cat([_log_q(draw, sites) for draw in draws]))
+        codes.append({site.name: torch.cat([draw.nodes[site.name]["value"][:valid] for draw in draws])
+                      for site in sites})
+        own_log_q.append(torch.cat([_log_q(draw, sites)[:valid] for draw in draws]))
 
     total = 0.0
     for code, log_q in zip(codes, own_log_q):
         log_mixture = torch.full_like(log_q, -math.inf)
-        for component in components:
+        for component, valid in components:
             # log q(z_j | x_m) for every code j against every point m of this chunk: [codes, chunk].
             pairwise = sum(pairwise_log_prob(component[site.name], code[site.name]) for site in sites)
-            log_mixture = torch.logaddexp(log_mixture, pairwise.logsumexp(-1))
+            log_mixture = torch.logaddexp(log_mixture, pairwise[..., :valid].logsumexp(-1))
         total += (log_q - (log_mixture - math.log(num_points))).sum().item()
     return total / (num_points * num_samples)
 

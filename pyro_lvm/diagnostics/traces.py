@@ -1,13 +1,15 @@
 """Traces of a model's guide and model, run side by side for diagnostics.
 
 Every diagnostic here compares the guide's q(z|x) with the model's prior p(z) site by site. Both are
-read from Pyro traces: the guide is run on a batch of data, and the model is replayed against the
-guide's samples, so that a prior that depends on other latents (a hierarchical prior) is evaluated at
-the guide's values of those latents, exactly as :class:`~pyro.infer.Trace_ELBO` does.
+read from Pyro traces: the guide is run on a batch of data (enumerating what it enumerates), and the
+model is replayed against the guide's samples (enumerating what it enumerates), so that a prior that
+depends on other latents (a hierarchical prior) is evaluated at the guide's values of those latents,
+exactly as :class:`~pyro.infer.Trace_ELBO` does. Names and dims (the data plate, the observed sites)
+come from the program's :class:`~pyro_lvm.protocol.ModelInfo`.
 
-Local latent sites are the guide's unobserved sample sites inside the ``"data"`` plate that also
-appear in the model. Global latents (outside the plate) are replayed but not diagnosed; discrete
-latents that the model enumerates and the guide does not sample are drawn from the model.
+The diagnosed sites are the guide's local latents (inside the data plate) that the model samples
+too and that are not summed out; global latents and enumerated ones are not diagnosed (their
+terms still enter the rate and the ELBO).
 """
 
 import contextlib
@@ -19,8 +21,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.torch_distribution import ExpandedDistribution
 
-DATA_PLATE = "data"
-OBSERVED_SITE = "x"
+from ..protocol.plates import plate_frame
 
 
 @dataclass(frozen=True)
@@ -35,62 +36,51 @@ class LatentSite:
         return math.prod(self.event_shape)
 
 
-def in_data_plate(site):
-    return any(frame.name == DATA_PLATE for frame in site["cond_indep_stack"])
+def in_data_plate(site, data_plate="data"):
+    return plate_frame(site, data_plate) is not None
 
 
-def local_latent_sites(guide_trace, model_trace):
-    """The guide's local latent sites (in execution order) that the model also samples."""
-    sites = []
-    for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"] or site["infer"].get("is_auxiliary"):
-            continue
-        if in_data_plate(site) and name in model_trace.nodes:
-            sites.append(LatentSite(name, tuple(site["fn"].event_shape)))
-    return sites
+def diagnosed_sites(info):
+    """The guide's local latents that the model samples and nothing sums out, in the guide's order."""
+    return [LatentSite(s.name, tuple(s.event_shape)) for s in info.latent_sites
+            if s.local and s.in_guide and not s.enumerated]
 
 
-def max_plate_nesting(*traces):
-    """How many batch dimensions the vectorized plates of these traces use (at least 1)."""
-    nesting = 1
-    for trace in traces:
-        for site in trace.nodes.values():
-            if site["type"] != "sample":
-                continue
-            for frame in site["cond_indep_stack"]:
-                if frame.vectorized and frame.dim is not None:
-                    nesting = max(nesting, -frame.dim)
-    return nesting
+def analytic_kl_is_exact(program, batch, sites):
+    """Whether the sum over sites of the closed-form KL(q_i || p_i) is the KL of the guide.
 
-
-def _with_particles(fn, num_particles, dim):
-    # A fresh plate for every call, as Pyro's ELBO does when it vectorizes particles.
-    def vectorized(*args, **kwargs):
-        with pyro.plate("_diagnostic_particles", num_particles, dim=dim):
-            return fn(*args, **kwargs)
-
-    return vectorized
-
-
-def trace_guide_and_model(lvm, x, num_particles=None, particle_dim=-2):
-    """Run ``lvm.guide(x)``, replay ``lvm.model(x)`` against it, and return both traces.
-
-    With ``num_particles`` both programs run inside a particle plate at ``particle_dim`` (left of
-    every model plate), so sites get a leading batch dimension of that size.
+    It is when nothing is enumerated, the guide has no auxiliary sites (``AutoNormal`` 's), and the
+    prior of every diagnosed site depends only on latents that the guide draws *before* it: then
+    E_q[log q_i - log p_i] = E over the earlier draws of KL(q_i || p_i). A hierarchical guide that
+    draws z1 before z2 against a prior p(z2) p(z1 | z2) breaks that (p_1 depends on a later draw),
+    and the rate must be estimated by Monte Carlo. Dependencies are read with autograd: the model is
+    replayed on the guide's values made leaves, and each prior's log-density is differentiated with
+    respect to the other latents.
     """
-    guide, model = lvm.guide, lvm.model
-    if num_particles is not None:
-        guide = _with_particles(guide, num_particles, particle_dim)
-        model = _with_particles(model, num_particles, particle_dim)
-    guide_trace = poutine.trace(guide).get_trace(x)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-    return guide_trace, model_trace
-
-
-def particles_by_points(tensor, num_particles, num_points, event_shape=()):
-    """Reshape a site's tensor from a particle-plate trace, [particles, *plates, points, *event],
-    to [particles, points, *event], summing any plates nested inside the data plate."""
-    return tensor.reshape(num_particles, -1, num_points, *event_shape).sum(1)
+    info = program.info
+    if info.enumerated or info.guide_only_sites:
+        return False
+    with torch.enable_grad(), pyro.validation_enabled(False), poutine.block():
+        guide_trace = poutine.trace(program.guide).get_trace(batch)
+        order = [name for name, site in guide_trace.nodes.items() if site["type"] == "sample"
+                 and not site["is_observed"] and type(site["fn"]).__name__ != "_Subsample"]
+        leaves = {name: guide_trace.nodes[name]["value"].detach().clone().requires_grad_(
+                  guide_trace.nodes[name]["value"].is_floating_point()) for name in order}
+        replay = poutine.Trace()
+        for name in order:
+            replay.add_node(name, type="sample", name=name, value=leaves[name], is_observed=False,
+                            infer=dict(guide_trace.nodes[name]["infer"]))
+        model_trace = poutine.trace(poutine.replay(program.model, trace=replay)).get_trace(batch)
+        for site in sites:
+            node = model_trace.nodes[site.name]
+            log_prob = node["fn"].log_prob(leaves[site.name].detach()).sum()
+            later = [name for name in order[order.index(site.name) + 1:] if leaves[name].requires_grad]
+            if not later or not log_prob.requires_grad:
+                continue
+            grads = torch.autograd.grad(log_prob, [leaves[name] for name in later], allow_unused=True)
+            if any(g is not None and bool((g != 0).any()) for g in grads):
+                return False
+    return True
 
 
 def unwrap_factors(fn):
@@ -107,7 +97,7 @@ def posterior_mean(fn, samples, particle_dims=0):
     over the leading ``particle_dims`` dimensions."""
     try:
         mean = fn.mean.expand(samples.shape)
-    except NotImplementedError:
+    except (NotImplementedError, RuntimeError):
         mean = samples
     return mean.mean(dim=tuple(range(particle_dims))) if particle_dims else mean
 

@@ -9,8 +9,13 @@
 - ``iwae``: the K-particle importance-weighted bound (:mod:`pyro_lvm.objectives.iwae`).
 - ``iwae-dreg``: the same bound with doubly-reparameterized gradients (:mod:`pyro_lvm.objectives.dreg`).
 
-Whether the model enumerates is read from ``model_info`` (:func:`pyro_lvm.protocol.inspect_model`)
-when given, otherwise from a trace of the model and guide at the first call.
+Whether the model or the guide enumerates, whether the guide is reparameterized, where the data
+plate is and which latents are global are read from ``model_info``
+(:func:`pyro_lvm.protocol.inspect_model`) when given, otherwise from a trace at the first call.
+What an objective cannot do is refused before any training, naming the alternative:
+``meanfield`` with a guide site that is not reparameterized (discrete, or enumerated in the guide)
+or with enumeration in the model, ``iwae`` and ``iwae-dreg`` with global latents (a per-point bound
+has no term for them), ``iwae-dreg`` with a non-reparameterized guide site.
 """
 
 import difflib
@@ -39,15 +44,18 @@ class EnumerationAwareELBO(ELBO):
     known from ``model_info`` or read from a trace of the first (model, guide, args) it is given.
     """
 
-    def __init__(self, choose, num_particles=1, enumerated=None, max_plate_nesting=None):
+    def __init__(self, choose, num_particles=1, enumerated=None, max_plate_nesting=None, check=None):
         super().__init__(num_particles=num_particles)
         self._choose = choose
+        self._check = check
         self._enumerated = enumerated
         self._model_plate_nesting = max_plate_nesting
         self._elbo = None
 
     def _delegate(self, model, guide, args, kwargs):
         if self._elbo is None:
+            if self._check is not None:
+                self._check(model, guide, args, kwargs)
             if self._enumerated is None:
                 self._enumerated = model_has_enumeration(model, guide, args, kwargs)
             if self._enumerated and self._model_plate_nesting is None:
@@ -72,6 +80,35 @@ def _info_enumerated(model_info):
     if model_info is None:
         return None
     return bool(getattr(model_info, "enumerated", []))
+
+
+def _not_reparameterized(model_info):
+    """Guide sites whose gradient needs a score function (discrete, enumerated in the guide, no rsample)."""
+    return [s.name for s in getattr(model_info, "latent_sites", []) if s.in_guide and (
+        s.enumerated_in == "guide" or not s.reparameterized)]
+
+
+def check_objective(key, model_info):
+    """Refuse, before any training, an objective that this program cannot use (see the module docstring)."""
+    if model_info is None:
+        return
+    rough = _not_reparameterized(model_info)
+    global_latents = [s.name for s in model_info.global_latents]
+    if key == "meanfield":
+        if model_info.model_enumerated:
+            raise UserError("the meanfield objective (analytic KL) cannot sum out the model's "
+                            "enumerated discrete sites; use --objective elbo or iwae")
+        if rough:
+            raise UserError(f"the meanfield objective (Pyro's TraceMeanField_ELBO) needs reparameterized guide "
+                            f"sites, and guide site(s) {', '.join(map(repr, rough))} are not (discrete or "
+                            f"enumerated); use --objective elbo, which sums them out or takes the score function")
+    if key in ("iwae", "iwae-dreg") and global_latents:
+        raise UserError(f"--objective {key} is a bound per data point, and the model's global latents "
+                        f"({', '.join(map(repr, global_latents))}, outside the data plate) have no per-point term; "
+                        f"use --objective elbo or meanfield to fit this model")
+    if key == "iwae-dreg" and rough:
+        raise UserError(f"iwae-dreg needs reparameterized guide sites, but {', '.join(map(repr, rough))} "
+                        f"are not; use the iwae objective")
 
 
 def _info_plate_nesting(model_info):
@@ -102,6 +139,10 @@ def get_objective(name, particles=1, model_info=None, kl_warmup=0, free_bits=0.0
         raise UserError(f"--particles must be at least 1, got {particles}")
     enumerated = _info_enumerated(model_info)
     plate_nesting = _info_plate_nesting(model_info)
+    check_objective(key, model_info)
+    data_plate = model_info.data_plate.name if model_info is not None and hasattr(model_info, "data_plate") else None
+    # Programs that do not broadcast over a particle dimension run their particles one at a time.
+    vectorize = getattr(model_info, "vectorizable", None) is not False
 
     # --- remedies for posterior collapse (KL warm-up, free bits): pyro_lvm/objectives/regularized.py
     kl_warmup, free_bits, kl_warmup_start = check_remedies(kl_warmup, free_bits, kl_warmup_start)
@@ -118,30 +159,51 @@ def get_objective(name, particles=1, model_info=None, kl_warmup=0, free_bits=0.0
     # --- end remedies
 
     if key == "iwae":
-        return IWAE_ELBO(num_particles=particles,
-                         max_plate_nesting=plate_nesting or float("inf"), **kw)
+        return IWAE_ELBO(num_particles=particles, max_plate_nesting=plate_nesting or float("inf"),
+                         data_plate=data_plate, vectorize=vectorize, **kw)
     if key == "iwae-dreg":
-        return DReG_IWAE_ELBO(num_particles=particles,
-                              max_plate_nesting=plate_nesting or float("inf"), **kw)
+        if not vectorize and particles > 1:
+            raise UserError("iwae-dreg needs a program that broadcasts over a particle dimension (Vindex, "
+                            "... indexing); use --objective iwae")
+        return DReG_IWAE_ELBO(num_particles=particles, max_plate_nesting=plate_nesting or float("inf"),
+                              data_plate=data_plate, **kw)
 
+    vectorized = vectorize
     if key == "elbo":
         def choose(is_enumerated, max_plate_nesting):
             if is_enumerated:
-                return pyro.infer.TraceEnum_ELBO(num_particles=particles, vectorize_particles=True,
+                return pyro.infer.TraceEnum_ELBO(num_particles=particles, vectorize_particles=vectorized,
                                                  max_plate_nesting=max_plate_nesting, **kw)
-            return pyro.infer.Trace_ELBO(num_particles=particles, vectorize_particles=True,
+            return pyro.infer.Trace_ELBO(num_particles=particles, vectorize_particles=vectorized,
                                          max_plate_nesting=max_plate_nesting or float("inf"), **kw)
     else:
         def choose(is_enumerated, max_plate_nesting):
             if is_enumerated:
-                raise UserError("the meanfield objective (analytic KL) cannot sum out the model's "
-                                "enumerated discrete sites; use --objective elbo or iwae")
-            return pyro.infer.TraceMeanField_ELBO(num_particles=particles, vectorize_particles=True,
+                raise UserError("the meanfield objective (analytic KL) cannot sum out enumerated discrete "
+                                "sites; use --objective elbo or iwae")
+            return pyro.infer.TraceMeanField_ELBO(num_particles=particles, vectorize_particles=vectorized,
                                                   max_plate_nesting=max_plate_nesting or float("inf"), **kw)
         if enumerated:
             choose(True, plate_nesting)
     return EnumerationAwareELBO(choose, num_particles=particles, enumerated=enumerated,
-                                max_plate_nesting=plate_nesting)
+                                max_plate_nesting=plate_nesting,
+                                check=_reparameterized_guide if key == "meanfield" and model_info is None else None)
+
+
+def _reparameterized_guide(model, guide, args, kwargs):
+    """meanfield without a ModelInfo: refuse a guide site that is not reparameterized, at the first call."""
+    import pyro.poutine as poutine
+    import torch
+
+    with poutine.block(), torch.no_grad():
+        trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    rough = [name for name, site in trace.nodes.items()
+             if site["type"] == "sample" and not site["is_observed"] and type(site["fn"]).__name__ != "_Subsample"
+             and (not site["fn"].has_rsample or site["infer"].get("enumerate"))]
+    if rough:
+        raise UserError(f"the meanfield objective (Pyro's TraceMeanField_ELBO) needs reparameterized guide "
+                        f"sites, and guide site(s) {', '.join(map(repr, rough))} are not (discrete or "
+                        f"enumerated); use --objective elbo, which sums them out or takes the score function")
 
 
 __all__ = ["OBJECTIVES", "get_objective", "IWAE_ELBO", "DReG_IWAE_ELBO", "EnumerationAwareELBO", "RegularizedELBO"]

@@ -28,14 +28,16 @@ from pyro.util import warn_if_nan
 
 from ..errors import UserError
 from ..estimators.importance_weights import compute_importance_weights
+from ..protocol.plates import plate_frame, program_frames
 from .iwae import IWAE_ELBO
 
 
 class _GradientWeights:
     """Normalized weights [K, n], set after the forward pass, read by the hooks during backward."""
 
-    def __init__(self, max_plate_nesting):
+    def __init__(self, max_plate_nesting, data_plate=None):
         self.max_plate_nesting = max_plate_nesting
+        self.data_plate = data_plate
         self.weights = None
 
     def weighted_identity(self, site):
@@ -46,7 +48,14 @@ class _GradientWeights:
         value = site["value"]
         if not value.requires_grad:
             return value
-        data_dim = next(f.dim for f in site["cond_indep_stack"] if f.name == "data")
+        frame = plate_frame(site, self.data_plate) if self.data_plate else None
+        if frame is None:  # the data plate of a program read without ModelInfo: the plate of the site
+            frames = program_frames(site)
+            if not frames:
+                raise UserError(f"guide site {site['name']!r} is outside the data plate: iwae-dreg is a bound per "
+                                f"data point; use --objective elbo")
+            frame = frames[0]
+        data_dim = frame.dim
         event_dim = fn.event_dim
         batch_dims = self.max_plate_nesting + 1
 
@@ -68,13 +77,16 @@ class DReG_IWAE_ELBO(IWAE_ELBO):
     the guide. Requires reparameterized guide sites. Enumerated model sites are summed out.
     """
 
+    name = "iwae-dreg"
+
     def differentiable_loss(self, model, guide, *args, **kwargs):
         max_plate_nesting = self._plate_nesting(model, guide, args, kwargs)
-        gradient_weights = _GradientWeights(max_plate_nesting)
+        gradient_weights = _GradientWeights(max_plate_nesting, self.data_plate)
         weights = compute_importance_weights(model, guide, args, kwargs, self.num_particles,
                                              max_plate_nesting,
                                              replay_transform=gradient_weights.weighted_identity,
-                                             detach_guide_params=True)
+                                             detach_guide_params=True, data_plate=self.data_plate,
+                                             objective="--objective iwae-dreg")
         log_weights = weights.log_weights
         normalized = torch.softmax(log_weights.detach(), dim=0)
         gradient_weights.weights = normalized

@@ -38,14 +38,22 @@ class IWAE_ELBO(ELBO):
 
     :param int num_particles: K, the number of importance samples per data point.
     :param int max_plate_nesting: the number of plates of the program (guessed from a trace if omitted).
+    :param str data_plate: the data plate's name (found from the model trace if omitted).
+    :param bool vectorize: False runs the particles one at a time, for a program that does not
+        broadcast over a particle dimension.
     """
 
-    def __init__(self, num_particles=1, max_plate_nesting=float("inf"), retain_graph=None):
+    name = "iwae"
+
+    def __init__(self, num_particles=1, max_plate_nesting=float("inf"), retain_graph=None, data_plate=None,
+                 vectorize=True):
         # Particles are always vectorized here (our own plate), so the base class must not shift
         # max_plate_nesting for its own particle plate.
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting,
                          vectorize_particles=False, strict_enumeration_warning=False,
                          retain_graph=retain_graph)
+        self.data_plate = data_plate
+        self.vectorize = vectorize
 
     def _plate_nesting(self, model, guide, args, kwargs):
         if self.max_plate_nesting == float("inf"):
@@ -55,13 +63,15 @@ class IWAE_ELBO(ELBO):
     def _get_trace(self, model, guide, args, kwargs):
         """One (model trace, guide trace) pair with all particles vectorized, for introspection."""
         max_plate_nesting = self._plate_nesting(model, guide, args, kwargs)
-        guide_trace = trace_guide(guide, args, kwargs, self.num_particles, max_plate_nesting)
-        model_trace = trace_model(model, guide_trace, args, kwargs, self.num_particles, max_plate_nesting)
-        return model_trace, guide_trace
+        guide_run = trace_guide(guide, args, kwargs, self.num_particles, max_plate_nesting)
+        model_trace = trace_model(model, guide_run.trace, args, kwargs, self.num_particles, max_plate_nesting,
+                                  guide_run.enum_state)
+        return model_trace, guide_run.trace
 
     def _importance_weights(self, model, guide, args, kwargs):
         return compute_importance_weights(model, guide, args, kwargs, self.num_particles,
-                                          self._plate_nesting(model, guide, args, kwargs))
+                                          self._plate_nesting(model, guide, args, kwargs), data_plate=self.data_plate,
+                                          objective=f"--objective {self.name}", vectorize=self.vectorize)
 
     def _log_mean_weight(self, log_weights):
         return torch.logsumexp(log_weights, dim=0) - math.log(self.num_particles)

@@ -52,9 +52,8 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
 from ..errors import UserError
+from ..protocol.plates import program_frames
 
-DATA_PLATE = "data"
-PARTICLE_PLATE = "num_particles_vectorized"
 
 
 def kl_weight(step, kl_warmup, start=0.0):
@@ -139,10 +138,10 @@ class RegularizedELBO(Trace_ELBO):
 
     def _free_bits_kl(self, name, q_site, p_site):
         """N-scaled sum_d max(lambda, mean_batch KL_d) for one site, and the plain N-scaled KL."""
-        frames = [f.name for f in q_site["cond_indep_stack"] if f.vectorized]
-        if DATA_PLATE not in frames or any(f not in (DATA_PLATE, PARTICLE_PLATE) for f in frames):
-            raise UserError(f"--free-bits applies to local latent sites whose only plate is "
-                            f"pyro.plate('data'); site {name!r} sits in plates {frames}")
+        frames = [f.name for f in program_frames(q_site)]
+        if len(frames) != 1:
+            raise UserError(f"--free-bits applies to local latent sites whose only plate is the data plate; "
+                            f"site {name!r} sits in plates {frames or 'none (a global latent)'}")
         q, p, value = q_site["fn"], p_site["fn"], q_site["value"]
         q_factor, p_factor = _unwrap(q), _unwrap(p)
         if q_factor.event_shape != () or p_factor.event_shape != ():

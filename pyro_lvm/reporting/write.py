@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from ..diagnostics import code_fuzziness, diagnose_run, model_device
-from ..diagnostics.traces import chunks, local_latent_sites, seeded, trace_guide_and_model
+from ..diagnostics.fuzziness import FuzzinessUndefined
+from ..diagnostics.traces import chunks, seeded
 from ..errors import UserError
+from ..outputs import ReportFolder
 from . import figures
 from .decoding import decoder_means, draw_samples, flatten_codes, guide_latent_sites, posterior_means
 from .html import Section, render_page
@@ -28,6 +30,10 @@ TRAVERSAL_DIMS = 8
 TRAVERSAL_STEPS = 9
 TRAVERSAL_RANGE = 3.0  # prior standard deviations either side
 FUZZINESS_CODES = 8  # the sharpest and the fuzziest codes shown, each
+
+#: Every file a report may write (``ReportFolder.check`` refuses to replace one it did not write).
+REPORT_FILES = ("index.html", "diagnostics.json", "curves.png", "samples.png", "reconstructions.png", "embedding.png",
+                "traversals.png", "kl_per_dim.png", "fuzziness.png", "khat.png")
 
 DIAGNOSTIC_ROWS = (
     ("num_points", "data points"),
@@ -56,8 +62,19 @@ def write_report(run, out_dir=None, split="test", num_samples=64, khat_points=20
     ``khat_points`` data points of the split get ``khat_particles`` importance weights each for the
     Pareto k-hat figure. Everything random is seeded by ``seed``.
     """
-    out_dir = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(run.path) / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    final_dir = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(run.path) / "report"
+    run_path = pathlib.Path(run.path).resolve()
+    where = final_dir.parent.resolve() / final_dir.name  # links above the folder resolved, not the folder
+    inside_run = where == run_path or run_path in where.parents
+    # Written into a temporary folder, then moved into place whole; never over files it did not write.
+    with ReportFolder(final_dir, inside_run=inside_run, owned=out_dir is None) as folder:
+        folder.check(REPORT_FILES)
+        _write_report(run, folder.staging, split, num_samples, khat_points, khat_particles, seed)
+        folder.commit()
+    return final_dir / "index.html"
+
+
+def _write_report(run, out_dir, split, num_samples, khat_points, khat_particles, seed):
     lvm, data = run.model, run.data
     device = model_device(lvm)
     x = getattr(data, split, None)
@@ -96,9 +113,7 @@ def write_report(run, out_dir=None, split="test", num_samples=64, khat_points=20
         verdict, kind = diagnostics["verdict"], "collapsed" if diagnostics["collapsed"] else "used"
     else:
         verdict, kind = f"No latent-usage diagnostics: {diagnostics['error']}.", "unknown"
-    page = out_dir / "index.html"
-    page.write_text(render_page(title, subtitle, verdict, kind, [s for s in sections if s is not None]))
-    return page
+    (out_dir / "index.html").write_text(render_page(title, subtitle, verdict, kind, [s for s in sections if s is not None]))
 
 
 def _curves(metrics, out_dir):
@@ -117,7 +132,7 @@ def _curves(metrics, out_dir):
 
 def _samples(lvm, x, is_image, num_samples, out_dir, seed):
     with seeded(seed, x.device):
-        samples = draw_samples(lvm, num_samples)
+        samples = draw_samples(lvm, num_samples, like=x)
     path = out_dir / "samples.png"
     if is_image:
         figures.image_grid(samples, path)
@@ -134,7 +149,7 @@ def _reconstructions(lvm, x, is_image, sites, out_dir):
         section.note = "The guide samples no local latent: there is no code to reconstruct from."
         return section
     shown = x[:NUM_RECONSTRUCTIONS] if is_image else x[: figures.MAX_SCATTER_POINTS]
-    reconstructions = decoder_means(lvm, posterior_means(lvm, shown))
+    reconstructions = decoder_means(lvm, posterior_means(lvm, shown), like=shown)
     path = out_dir / "reconstructions.png"
     if is_image:
         figures.data_and_reconstructions(shown, reconstructions, path)
@@ -179,7 +194,7 @@ def _traversals(lvm, x, sites, diagnostics, out_dir):
         size = math.prod(shape)
         codes[name] = flat[:, start : start + size].reshape(-1, *shape)
         start += size
-    images = decoder_means(lvm, codes)
+    images = decoder_means(lvm, codes, like=x)
     path = figures.latent_traversals(images.reshape(len(dims), TRAVERSAL_STEPS, *images.shape[1:]),
                                      out_dir / "traversals.png")
     caption = (f"Each row moves one latent dimension from {-TRAVERSAL_RANGE:g} to {TRAVERSAL_RANGE:g} "
@@ -209,6 +224,10 @@ def _fuzziness(lvm, x, is_image, diagnostics, out_dir, seed):
     if "fuzziness" not in diagnostics:
         section.note = diagnostics.get("error", "No fuzziness diagnostic.")
         return section
+    if diagnostics["fuzziness"] is None:
+        reason = (diagnostics.get("null_reason") or {}).get("fuzziness", "undefined for this program")
+        section.note = f"The fuzziness of codes is undefined here: {reason}."
+        return section
     section.rows = [
         ("fuzziness F = E_q(z) sum_d Var_q(x|z)[x_d]", diagnostics["fuzziness"]),
         ("its Monte Carlo standard error", diagnostics["fuzziness_mc_stderr"]),
@@ -224,14 +243,19 @@ def _fuzziness(lvm, x, is_image, diagnostics, out_dir, seed):
     if not is_image:
         section.caption = text
         return section
-    with torch.no_grad():
-        guide_trace, model_trace = trace_guide_and_model(lvm, x[:1])
-        with seeded(seed, x.device):  # the codes of diagnose_run, which uses the same seed
-            result = code_fuzziness(lvm, x, local_latent_sites(guide_trace, model_trace))
-        blocks = []
-        for indices in result.extremes(FUZZINESS_CODES):
-            codes = {name: code[indices] for name, code in result.codes.items()}
-            blocks.append((decoder_means(lvm, codes), result.data_means(indices), result.per_code[indices].tolist()))
+    try:
+        with torch.no_grad():
+            with seeded(seed, x.device):  # the codes of diagnose_run, which uses the same seed
+                result = code_fuzziness(lvm, x)
+            blocks = []
+            for indices in result.extremes(FUZZINESS_CODES):
+                codes = {name: code[indices] for name, code in result.codes.items()}
+                decoded = decoder_means(lvm, codes, like=x)
+                blocks.append((decoded, result.data_means(indices), result.per_code[indices].tolist()))
+    except (FuzzinessUndefined, UserError) as err:
+        section.caption = text
+        section.note = f"No figure of the sharpest and fuzziest codes: {err}."
+        return section
     path = figures.fuzziness_extremes(blocks[0], blocks[1], out_dir / "fuzziness.png")
     section.image, section.alt, section.pixels = path.name, "the sharpest and the fuzziest codes", True
     section.caption = (text + f" Left, the {len(blocks[0][2])} sharpest codes (smallest F(z)); right, the fuzziest. "

@@ -3,6 +3,9 @@
 | module | what |
 | --- | --- |
 | :mod:`.loop` | the SVI training loop (:func:`train`), one readable loop |
+| :mod:`.schedules` | learning-rate schedules, ``torch.optim.lr_scheduler`` objects stepped per step |
+| :mod:`.checkpoints` | the best-validation checkpoint and early stopping |
+| :mod:`.restarts` | ``fit --restarts N``: N initialisations, the best by validation bound kept |
 | :mod:`.fast` | the exact fast path of the objectives for fully reparameterized models |
 | :mod:`.cuda_graph` | ``fit --cuda-graph``: one step captured as a CUDA graph and replayed |
 | :mod:`.distributed` | data-parallel ``fit`` and sharded ``evaluate`` over ``torchrun``'s ranks |

@@ -184,7 +184,9 @@ def _combine_extras(extras, sizes):
         values = [e.get(key) for e in extras]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             combined[key] = values[0]
-        elif key.endswith("_max"):
+        elif key in ("samples_total", "points_refined", "points_above_target"):  # --target-mc-error's counts
+            combined[key] = sum(values)
+        elif key.endswith("_max") or key == "rounds":
             combined[key] = max(values)
         elif key.endswith("_min"):
             combined[key] = min(values)
@@ -200,9 +202,7 @@ def estimate_sharded(ctx, lvm, x, estimator="is", batch_size=100, **kwargs):
 
     Every rank returns the whole split's :class:`LogMarginalEstimate` (per-point values gathered).
     """
-    import math
-
-    from ..estimators import LogMarginalEstimate, estimate_log_marginal
+    from ..estimators import estimate_log_marginal, summarize
 
     num_batches = -(-len(x) // batch_size)
     first, last = shard_bounds(num_batches, ctx.rank, ctx.world_size)
@@ -212,18 +212,19 @@ def estimate_sharded(ctx, lvm, x, estimator="is", batch_size=100, **kwargs):
         with _batch_offset(first):
             result = estimate_log_marginal(lvm, shard, estimator=estimator, batch_size=batch_size, **kwargs)
     parts = [None] * ctx.world_size
-    mine = None if result is None else (result.per_point.cpu(), result.seconds, result.extras)
+    mine = None if result is None else (
+        result.per_point.cpu(), result.seconds, result.extras, result.per_point_mc_stderr.cpu(),
+        None if result.samples_per_point is None else result.samples_per_point.cpu())
     dist.all_gather_object(parts, mine)
     parts = [p for p in parts if p is not None]
     per_point = torch.cat([p[0] for p in parts]).to(x.device)
-    n = per_point.numel()
-    log_px = float(per_point.double().mean())
-    stderr = float(per_point.double().std() / math.sqrt(n)) if n > 1 else 0.0
+    per_point_mc = torch.cat([p[3] for p in parts]).to(x.device)
+    samples = None if parts[0][4] is None else torch.cat([p[4] for p in parts]).to(x.device)
     extras = _combine_extras([p[2] for p in parts], [len(p[0]) for p in parts])
     template = result if result is not None else None
-    return LogMarginalEstimate(per_point, log_px, stderr, template.estimator if template else estimator,
-                               template.num_samples if template else kwargs.get("num_samples"),
-                               max(p[1] for p in parts), extras)
+    return summarize(per_point, per_point_mc, samples, template.estimator if template else estimator,
+                     template.num_samples if template else kwargs.get("num_samples"), max(p[1] for p in parts),
+                     extras)
 
 
 def context_for(flag, device=None):

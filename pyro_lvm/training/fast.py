@@ -53,8 +53,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ..objectives import EnumerationAwareELBO, IWAE_ELBO
 from ..protocol import DataPlateScale
-
-DATA_PLATE = "data"
+from ..protocol.plates import plate_frame
 
 
 class NotFast(Exception):
@@ -65,13 +64,16 @@ class _Sites(DataPlateScale):
     """:class:`DataPlateScale` that keeps each sample site's message and, in the model, replays the guide.
 
     It sits outside every plate of the program (particle plates included), like Pyro's trace and
-    replay handlers, so the distributions it records are already broadcast to the plates' shape.
+    replay handlers, so the distributions it records are already broadcast to the plates' shape. The
+    guide's subsample sites (a plate that subsamples itself) are replayed too, as ``poutine.replay``
+    does, so that guide and model see the same points.
     """
 
-    def __init__(self, num_data, replay=None):
-        super().__init__(num_data)
+    def __init__(self, num_data, data_plate, points=None, replay=None):
+        super().__init__(num_data, data_plate, points)
         self.replay = replay
         self.sites = {}
+        self.subsamples = {}
 
     def _process_message(self, msg):
         super()._process_message(msg)
@@ -83,10 +85,12 @@ class _Sites(DataPlateScale):
                 msg["done"] = True
 
     def _postprocess_message(self, msg):
-        if msg["type"] == "sample" and not site_is_subsample(msg):
-            if msg["name"] in self.sites:
-                raise NotFast(f"sample site {msg['name']!r} appears twice")
-            self.sites[msg["name"]] = msg
+        if msg["type"] != "sample":
+            return
+        record = self.subsamples if site_is_subsample(msg) else self.sites
+        if msg["name"] in record:
+            raise NotFast(f"sample site {msg['name']!r} appears twice")
+        record[msg["name"]] = msg
 
 
 def _log_prob(site):
@@ -99,16 +103,12 @@ def _add(total, term):
     return term if total is None else total + term
 
 
-def _in_data_plate(site):
-    return next((f for f in site["cond_indep_stack"] if f.name == DATA_PLATE), None)
-
-
-def _per_point(log_prob, site, max_plate_nesting):
+def _per_point(log_prob, site, max_plate_nesting, data_plate):
     """A site's log-density reduced to [K, n], summing plates nested in the data plate (as IWAE does)."""
     batch_dims = max_plate_nesting + 1
     if log_prob.dim() < batch_dims:
         log_prob = log_prob.reshape((1,) * (batch_dims - log_prob.dim()) + tuple(log_prob.shape))
-    data_dim = _in_data_plate(site).dim
+    data_dim = plate_frame(site, data_plate).dim
     inner = [d for d in range(-max_plate_nesting, 0) if d != data_dim]
     if inner:
         log_prob = log_prob.sum(inner, keepdim=True)
@@ -149,6 +149,9 @@ class FastObjective:
         self.lvm, self.kind, self.num_particles = lvm, kind, int(num_particles)
         self.max_plate_nesting = max_plate_nesting
         self.num_data = num_data
+        info = getattr(lvm, "info", None)
+        self.data_plate = info.data_plate.name if info is not None else "data"
+        self.points = getattr(lvm, "current_points", None)
         self.fallback = fallback
         self.refused = None  # the reason, once the fast path has refused a call
         self.validate = False
@@ -162,7 +165,7 @@ class FastObjective:
         return None
 
     def _run(self, program, x, replay):
-        recorder = _Sites(self.num_data, replay)
+        recorder = _Sites(self.num_data, self.data_plate, self.points, replay)
         particles = self._particles()
         with recorder:
             if particles is None:
@@ -170,7 +173,7 @@ class FastObjective:
             else:
                 with particles:
                     program(x)
-        return recorder.sites
+        return recorder.sites, recorder.subsamples
 
     def _check(self, guide_sites, model_sites):
         for name, site in guide_sites.items():
@@ -184,12 +187,12 @@ class FastObjective:
                 raise NotFast(f"model site {name!r} is enumerated or deterministic")
             if not site["is_observed"] and name not in guide_sites:
                 raise NotFast(f"model latent {name!r} is not in the guide")
-            if self.kind == "iwae" and (_in_data_plate(site) is None or not isinstance(site["scale"], float)):
+            if self.kind == "iwae" and (plate_frame(site, self.data_plate) is None or not isinstance(site["scale"], float)):
                 raise NotFast(f"site {name!r} is outside the data plate or has a tensor scale")
 
     def _loss(self, x):
-        guide_sites = self._run(self.lvm.guide, x, None)
-        model_sites = self._run(self.lvm.model, x, guide_sites)
+        guide_sites, guide_subsamples = self._run(self.lvm.guide, x, None)
+        model_sites, _ = self._run(self.lvm.model, x, {**guide_subsamples, **guide_sites})
         self._check(guide_sites, model_sites)
         if self.kind == "iwae":
             return self._iwae(guide_sites, model_sites)
@@ -216,7 +219,8 @@ class FastObjective:
     def _iwae(self, guide_sites, model_sites):
         nesting = self.max_plate_nesting
         unscaled = lambda site: _per_point(scale_and_mask(  # noqa: E731
-            site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"]), 1.0, site["mask"]), site, nesting)
+            site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"]), 1.0, site["mask"]), site, nesting,
+            self.data_plate)
         log_q = log_p = None
         for site in guide_sites.values():
             log_q = _add(log_q, unscaled(site))

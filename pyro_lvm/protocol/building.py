@@ -1,0 +1,165 @@
+"""Building a program: its hyperparameters and its constructor.
+
+Every constructor parameter with a default is a hyperparameter, set with ``-p KEY=VALUE`` and typed
+by its default. The one exception is a parameter named ``data_shape``: it receives one data point's
+shape (``(D,)``, ``(C, H, W)``) and is never a hyperparameter. A parameter without a default that is
+not ``data_shape`` cannot be filled and is refused, with the fix in the message.
+"""
+
+import difflib
+import inspect
+
+import pyro
+
+from ..errors import UserError
+from .loading import ProgramFunctions, describe_exception, user_frame
+
+DATA_SHAPE = "data_shape"
+
+
+def _constructor_parameters(cls):
+    if issubclass(cls, ProgramFunctions):
+        return []
+    try:
+        signature = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return []
+    params = list(signature.parameters.values())[1:]  # drop self
+    return [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def takes_data_shape(cls):
+    return any(p.name == DATA_SHAPE for p in _constructor_parameters(cls))
+
+
+def hyperparameters(cls):
+    """``{name: default}`` for every constructor parameter of ``cls`` except ``data_shape``."""
+    result = {}
+    for p in _constructor_parameters(cls):
+        if p.name == DATA_SHAPE:
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise UserError(f"{cls.__name__}.__init__ takes {p.name!r} without a default; pyro-lvm passes only "
+                            f"{DATA_SHAPE} (one data point's shape) to a parameter of that name, and every other "
+                            f"constructor argument is a hyperparameter (-p {p.name}=VALUE): give {p.name!r} a default")
+        result[p.name] = p.default
+    return result
+
+
+def _parse_value(key, text, default):
+    """Parse ``text`` to the type of ``default`` (bool, int, float, str, or a tuple of those)."""
+    def scalar(t, like):
+        if isinstance(like, bool):
+            if t.lower() in ("1", "true", "yes", "on"):
+                return True
+            if t.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if isinstance(like, int):
+            return int(t)
+        if isinstance(like, float):
+            return float(t)
+        if like is None:
+            for conv in (int, float):
+                try:
+                    return conv(t)
+                except ValueError:
+                    pass
+            return None if t.lower() == "none" else t
+        return t
+
+    try:
+        if isinstance(default, (tuple, list)):
+            like = default[0] if default else 0
+            items = [s for s in text.replace(" ", "").split(",") if s]
+            return tuple(scalar(s, like) for s in items)
+        return scalar(text, default)
+    except ValueError as err:
+        kind = type(default).__name__ if default is not None else "value"
+        example = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
+        raise UserError(f"-p {key}={text}: {err or 'bad value'}; expected a {kind} like {key}={example}") from None
+
+
+def resolve_hyperparameters(cls, overrides):
+    """Merge ``overrides`` (``{key: str or value}``) into the class defaults, checking keys and types."""
+    defaults = hyperparameters(cls)
+    resolved = dict(defaults)
+    for key, value in (overrides or {}).items():
+        if key not in defaults:
+            close = difflib.get_close_matches(key, list(defaults), n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else f"{cls.__name__} takes: {', '.join(defaults) or 'none'}"
+            raise UserError(f"unknown hyperparameter {key!r} for {cls.__name__}; {hint}")
+        resolved[key] = _parse_value(key, value, defaults[key]) if isinstance(value, str) else value
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
+
+
+def _constructor_kwargs(cls, data_shape, hparams):
+    kwargs = dict(hparams)
+    if takes_data_shape(cls):
+        kwargs[DATA_SHAPE] = tuple(data_shape)
+    return kwargs
+
+
+def _described(cls, data_shape, hparams):
+    shape = f" for data of shape {tuple(data_shape)}" if data_shape is not None else ""
+    return f"{cls.__name__}{shape} with {hparams or 'default hyperparameters'}"
+
+
+def _check_model_size(cls, data_shape, hparams, device):
+    """Refuse a model that is empty (a size hyperparameter of 0) or too large for the machine, before
+    allocating it (:func:`pyro_lvm.resources.check_model_size`: built once on the ``meta`` device,
+    against the memory the container's limit leaves)."""
+    from ..resources import check_model_size
+
+    if issubclass(cls, ProgramFunctions):
+        return
+    try:
+        defaults = {k: tuple(v) if isinstance(v, list) else v for k, v in hyperparameters(cls).items()}
+    except UserError:
+        defaults = None
+
+    def build(values):
+        with _user_settings(cls):
+            return cls(**_constructor_kwargs(cls, data_shape, values))
+
+    check_model_size(cls, data_shape, hparams, device, defaults=defaults, build=build)
+
+
+def _user_settings(cls):
+    """The Pyro settings a program runs under: Pyro's defaults, unless its file changed them."""
+    return pyro.settings.context(module_local_params=bool(getattr(cls, "__pyro_lvm_module_local_params__", False)))
+
+
+def construct(cls, data_shape, hparams=None):
+    """``cls(**hyperparameters)`` (plus ``data_shape=`` where it takes one), exceptions as user errors."""
+    hparams = {k: tuple(v) if isinstance(v, list) else v for k, v in (hparams or {}).items()}
+    try:
+        with _user_settings(cls):
+            return cls(**_constructor_kwargs(cls, data_shape, hparams))
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- the constructor is the user's code
+        frame = user_frame(err.__traceback__)
+        if frame is None and not isinstance(err, (TypeError, ValueError, AssertionError, RuntimeError, OverflowError)):
+            raise
+        detail = describe_exception(err, frame) if frame is not None else f"{type(err).__name__}: {str(err).strip()[:300]}"
+        raise UserError(f"{_described(cls, data_shape, hparams)} could not be built: {detail}; check the -p "
+                        f"values and the data's shape") from err
+
+
+def build_model(cls, data_shape, hparams=None, device="cpu"):
+    """Instantiate a program for data points of shape ``data_shape`` and wrap it in a
+    :class:`~pyro_lvm.protocol.program.Program` on ``device`` (not yet inspected)."""
+    from .program import Program
+
+    hparams = {k: tuple(v) if isinstance(v, list) else v for k, v in (hparams or {}).items()}
+    _check_model_size(cls, data_shape, hparams, device)
+    instance = construct(cls, data_shape, hparams)
+    for role in ("model", "guide"):
+        if not callable(getattr(instance, role, None)):
+            raise UserError(f"{cls.__name__} has no {role}; a program needs model(x) and guide(x) "
+                            f"(see the README's 'Your own model')")
+    program = Program(instance, data_shape=data_shape,
+                      module_local_params=getattr(cls, "__pyro_lvm_module_local_params__", False),
+                      factory=lambda: construct(cls, data_shape, hparams))
+    return program.to(device)
