@@ -446,32 +446,35 @@ class GatedPixelCNN(nn.Module):
         self.output_conditioner = nn.Conv2d(conditioning_channels, c, 1, bias=False) if conditioning_channels else None
         self.output_bias = nn.Parameter(torch.zeros(data_shape))
 
+    def _context_map(self, context):
+        """The map s = m(z) [N, *conditioning_shape] (None without one) and the output's term (the
+        bias, plus V_out s where there is a map)."""
+        if self.context_map is None:
+            return None, self.output_bias
+        context_map = self.context_map(context).reshape((context.shape[0],) + self.conditioning_shape)
+        return context_map, self.output_bias + self.output_conditioner(context_map)
+
     def condition(self, context):
         """The conditioning, computed once from the context [N, context_dim]: every layer's terms
-        (c_v, c_h), and last the output's term (the bias, plus V_out s where there is a map)."""
-        output_term = self.output_bias
-        terms = []
-        if self.context_map is not None:
-            context_map = self.context_map(context).reshape((context.shape[0],) + self.conditioning_shape)
-            output_term = output_term + self.output_conditioner(context_map)
-            terms = [layer.condition(context, context_map) for layer in self.layers]
-        else:
-            terms = [layer.condition(context) for layer in self.layers]
-        return terms + [output_term]
+        (c_v, c_h), and last the output's term (for the sampler, which reuses them for every pixel)."""
+        context_map, output_term = self._context_map(context)
+        return [layer.condition(context, context_map) for layer in self.layers] + [output_term]
 
     def forward(self, x, context):
-        return self.forward_conditioned(x, self.condition(context))
-
-    def forward_conditioned(self, x, conditioning):
         # Centre binary inputs at zero, so that the zero padding outside the image differs from
         # both pixel values.
         x = 2 * x - 1
-        return self.horizontal_logits(x, self.from_vertical(x, conditioning), conditioning)
-
-    def from_vertical(self, x, conditioning):
-        """Every layer's input from the vertical stack to the horizontal one, U shift(a_v)."""
-        return [layer.from_vertical(pre_activation)
-                for layer, pre_activation in zip(self.layers, self.vertical_stack(x, conditioning))]
+        # One layer at a time, its conditioning computed where it is used: without autograd a pass
+        # holds a few maps per image, not every layer's (the same operations as the sampler's
+        # vertical_stack and horizontal_logits, in another order).
+        context_map, output_term = self._context_map(context)
+        v, h = x, x
+        for layer in self.layers:
+            condition_v, condition_h = layer.condition(context, context_map)
+            pre_activation, v = layer.vertical_step(v, condition_v)
+            h = layer.horizontal_step(h, layer.from_vertical(pre_activation), condition_h)
+        hidden = torch.relu(self.output_hidden(torch.relu(h)))
+        return self.output(hidden) + output_term
 
     def vertical_stack(self, x, conditioning, rows=slice(None)):
         """Every layer's vertical pre-activation a_v on the centred image ``x``, which may hold only

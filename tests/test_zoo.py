@@ -575,6 +575,24 @@ def test_cached_sampling_is_exact(kind, data_shape):
     assert 0.2 < x.mean() < 0.8  # both values drawn: the check is not vacuous
 
 
+@pytest.mark.parametrize("conditioning_channels", [0, 4])
+def test_gated_forward_layer_by_layer_equals_the_cached_conditioning_pass(conditioning_channels):
+    # forward computes each layer's conditioning where it is used (to hold few maps at once); the
+    # sampler's path computes them all first. On a full image the two are the same operations.
+    torch.manual_seed(0)
+    network = GatedPixelCNN((1, 5, 5), context_dim=3, num_layers=3, channels=6, first_kernel_size=3,
+                            conditioning_channels=conditioning_channels, conditioning_hidden=(7,))
+    for parameter in network.parameters():  # away from the zero initialisation of some maps
+        parameter.data.normal_(0, 0.3)
+    x, z = (torch.rand(8, 1, 5, 5) < 0.5).float(), torch.randn(8, 3)
+    with torch.no_grad():
+        conditioning, centred = network.condition(z), 2 * x - 1
+        from_vertical = [layer.from_vertical(pre_activation) for layer, pre_activation
+                         in zip(network.layers, network.vertical_stack(centred, conditioning))]
+        cached = network.horizontal_logits(centred, from_vertical, conditioning)
+        assert torch.equal(network(x, z), cached)
+
+
 @pytest.mark.parametrize("data_shape", [(1, 3, 3), (2, 2, 2)])
 def test_gated_pixelcnn_bernoulli_normalizes_and_samples_correctly(data_shape):
     # Exact normalisation: sum over all 2^(C H W) binary images of p(x | z) is 1, for a batch of codes.
