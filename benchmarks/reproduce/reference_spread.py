@@ -41,6 +41,7 @@ def main(argv=None):
     parser.add_argument("--eval-samples", type=int, default=5000)
     parser.add_argument("--perturbation", type=float, default=1e-7, help="relative size of the start's noise")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise-seed", type=int, help="seed of the start's noise (default seed + 1)")
     parser.add_argument("--out", default=str(HERE / "out"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -54,12 +55,13 @@ def main(argv=None):
         first.output_bias.copy_(torch.logit(data.train.mean(0).clamp(1e-3, 1 - 1e-3)))
     second = iwae_mnist.ReferenceVAE(args.row[0])
     second.load_state_dict(first.state_dict())
-    noise = torch.Generator().manual_seed(args.seed + 1)
+    noise_seed = args.seed + 1 if args.noise_seed is None else args.noise_seed
+    noise = torch.Generator().manual_seed(noise_seed)
     with torch.no_grad():
         for p in second.parameters():
             p.mul_(1 + args.perturbation * torch.randn(p.shape, generator=noise))
     rng = {"torch": torch.get_rng_state()}
-    result = {"row": iwae_mnist.row_name(args.row), "passes": args.passes, "perturbation": args.perturbation,
+    result = {"row": iwae_mnist.row_name(args.row), "passes": args.passes, "perturbation": args.perturbation, "noise_seed": noise_seed,
               "eval_points": len(test), "eval_samples": args.eval_samples, "seed": args.seed,
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "threads": 1}
     per_point = []
@@ -79,7 +81,7 @@ def main(argv=None):
     result["nll_difference"] = -difference.mean().item()  # NLL(reference) - NLL(perturbed), paired
     result["nll_difference_stderr"] = difference.std().item() / math.sqrt(len(test))
     result["within_2_stderr"] = abs(result["nll_difference"]) <= 2 * result["nll_difference_stderr"]
-    path = Path(args.out) / f"reference-spread-{result['row']}.json"
+    path = Path(args.out) / f"reference-spread-{result['row']}-noise{noise_seed}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
 
