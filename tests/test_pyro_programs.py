@@ -875,6 +875,18 @@ def _check_sample(run, capsys, problems):
             problems.append(f"sample -n 16 wrote {len(rows)} rows")
 
 
+def _check_fuzziness(diagnosis, problems):
+    """The fuzziness of codes is a number from 0 to about the split's total variance (it exceeds it only by
+    Monte Carlo error), or null with its reason."""
+    value, reason = diagnosis.get("fuzziness", "absent"), (diagnosis.get("null_reason") or {}).get("fuzziness")
+    if value is None:
+        if not (isinstance(reason, str) and reason):
+            problems.append("diagnose: fuzziness is null without a reason in null_reason")
+    elif not (isinstance(value, float) and 0 <= value and 0 <= diagnosis["fuzziness_ratio"] <= 1.1):
+        problems.append(f"diagnose: fuzziness {value!r}, ratio {diagnosis.get('fuzziness_ratio')!r}: "
+                        "not a number between 0 and the total variance")
+
+
 def _check_diagnose_and_report(case, run, lvm, x_test, records, tmp_path, capsys, problems):
     """diagnose's ELBO agrees with evaluate's, its rate with the traces' Monte Carlo rate, report with diagnose."""
     code, out, err = _command(capsys, "diagnose", run, "--json", "--device", "cpu")
@@ -887,6 +899,8 @@ def _check_diagnose_and_report(case, run, lvm, x_test, records, tmp_path, capsys
         if abs(diagnosis["elbo"] - records["elbo"]["log_px"]) > tol:
             problems.append(f"diagnose elbo {diagnosis['elbo']:.4f} vs evaluate elbo {records['elbo']['log_px']:.4f} "
                             f"(tolerance {tol:.3g})")
+    if diagnosis is not None:
+        _check_fuzziness(diagnosis, problems)
     rate_sigma = None
     if diagnosis is not None and case.rate:
         rate, rate_sigma = _mc_rate(lvm, x_test, num_samples=200)

@@ -128,10 +128,13 @@ def test_report_files(run_name, request):
     sources = check_page(page)
     expected = {"curves.png", "samples.png", "reconstructions.png", "embedding.png", "kl_per_dim.png", "khat.png"}
     if run.data.is_image:
-        expected.add("traversals.png")
+        expected |= {"traversals.png", "fuzziness.png"}
     assert set(sources) == expected
     text = page.read_text()
     assert "units active" in text and "I(x;z)" in text
+    assert "Fuzziness of codes" in text
+    if run.data.is_image:
+        assert "sharpest codes" in text
     assert (run.path / "report" / "diagnostics.json").is_file()
 
 

@@ -68,18 +68,22 @@ def finish(args, name, setting, rows, columns, extra=None, notes=()):
         print(note)
 
 
-def latent_usage(run, is_samples, limit=None, split="test", seed=0):
-    """The numbers every experiment reports, through the public API."""
+def latent_usage(run, is_samples, limit=None, split="test", seed=0, batch_size=100, diagnose_batch_size=None):
+    """The numbers every experiment reports, through the public API. ``diagnose_batch_size`` (points
+    per diagnose pass, 16 particles each; default diagnose's own 500) bounds diagnose's memory only."""
     import pyro_lvm
 
-    evaluation = pyro_lvm.evaluate(run, split=split, estimator="is", samples=is_samples, limit=limit, seed=seed)
-    diagnosis = pyro_lvm.diagnose(run, split=split)
+    evaluation = pyro_lvm.evaluate(run, split=split, estimator="is", samples=is_samples, limit=limit, seed=seed,
+                                   batch_size=batch_size)
+    options = {"batch_size": diagnose_batch_size} if diagnose_batch_size is not None else {}
+    diagnosis = pyro_lvm.diagnose(run, split=split, **options)
     return {
         "is_log_px": evaluation["log_px"], "is_stderr": evaluation["stderr"], "is_points": evaluation["num_points"],
         "is_K": is_samples, "elbo": diagnosis["elbo"], "kl": diagnosis["kl_total"],
         "active_units": diagnosis["active_units"], "latent_dims": diagnosis["latent_dims"],
         "mi": diagnosis["mutual_information"], "collapsed": diagnosis["collapsed"], "verdict": diagnosis["verdict"],
         "kl_per_dim": diagnosis["kl_per_dim"], "khat_max": evaluation.get("khat_max"),
+        "fuzziness": diagnosis.get("fuzziness"), "fuzziness_ratio": diagnosis.get("fuzziness_ratio"),
     }
 
 

@@ -14,6 +14,8 @@ For the guide q(z|x), the prior p(z) and the decoder p(x|z), averaged over the N
   which agrees with ``evaluate --estimator elbo`` within Monte Carlo error;
 - active units (:mod:`.active_units`), the mutual information I_q(x; z) (:mod:`.mutual_information`)
   and the verdict (:mod:`.collapse`);
+- the fuzziness of the codes, E_q(z) of the spread of q(x|z) (:mod:`.fuzziness`), the ``fuzziness*`` keys
+  (null, with the reason under ``null_reason``, for a program where it is undefined);
 - optionally an importance-sampling estimate of log p(x) and the gap log p(x) - ELBO
   = E_x KL(q(z|x) || p(z|x)), how far the guide is from the true posterior.
 
@@ -32,6 +34,7 @@ from ..errors import UserError
 from ..protocol.plates import plate_frame
 from .active_units import ACTIVE_UNIT_THRESHOLD, active_unit_variances, count_active_units
 from .collapse import is_collapsed, verdict
+from .fuzziness import FuzzinessUndefined, code_fuzziness, undefined_summary
 from .kl import site_kl
 from .mutual_information import aggregate_posterior_mutual_information
 from .traces import analytic_kl_is_exact, diagnosed_sites, posterior_mean, seeded
@@ -110,12 +113,14 @@ def diagnose_model(
     seed=0,
     active_threshold=ACTIVE_UNIT_THRESHOLD,
     num_mi_samples=1,
+    num_fuzziness_samples=1,
 ):
     """Diagnose the latent usage of ``lvm`` on the data ``x`` (a tensor [N, *data_shape] on the
     model's device). Returns a JSON-able dict; see the module docstring for the quantities.
 
     ``batch_size`` bounds memory only: ``num_kl_samples`` particles of ``batch_size`` points are traced
     at once. The mutual information uses its own fixed chunks, so it does not depend on it.
+    ``num_fuzziness_samples`` codes per point are drawn for the fuzziness (0 skips it).
     ``labels`` (optional, [N]) adds a linear probe: how well a logistic regression predicts the
     label from the posterior means (3-fold cross-validated accuracy), against the majority class.
     """
@@ -189,6 +194,14 @@ def diagnose_model(
     # batch_size, so that it is the same number whatever the memory budget.
     with torch.no_grad(), seeded(seed, x.device):
         mutual_information = aggregate_posterior_mutual_information(program, x, sites, num_samples=num_mi_samples)
+    fuzziness, fuzziness_reasons = {}, None
+    if num_fuzziness_samples > 0:
+        with torch.no_grad(), seeded(seed, x.device):
+            try:
+                fuzziness = code_fuzziness(program, x, num_samples=num_fuzziness_samples, sites=sites).summary()
+            except FuzzinessUndefined as err:
+                fuzziness = undefined_summary(str(err))
+        fuzziness_reasons = fuzziness.pop("null_reason", None)
 
     latent_dims = sum(site.dims for site in sites)
     active = variances > active_threshold
@@ -217,7 +230,10 @@ def diagnose_model(
         "elbo": elbo,
         "collapsed": is_collapsed(active_units, latent_dims, mutual_information),
         "verdict": verdict(active_units, latent_dims, mutual_information, kl_total, num_points, inactive_kl),
+        **fuzziness,
     }
+    if fuzziness_reasons:
+        result["null_reason"] = fuzziness_reasons
     if info.global_latents:
         result["global_latents"] = [s.name for s in info.global_latents]
     if labels is not None:

@@ -707,7 +707,8 @@ def ais_statistics(lvm, batches, num_chains, seed, options, progress=None, use_t
         weights = []
         for offset, chains in runs:
             batch_seed = importance_sampling.block_seed(seed, batch_index, offset)
-            with _seeded(xb.device, batch_seed), torch.no_grad():
+            # One swap of the program's parameter store for the whole pass, not one per density.
+            with _seeded(xb.device, batch_seed), torch.no_grad(), program.running():
                 target = _AnnealingTarget(program, xb, chains, options["proposal"], use_traces=use_traces,
                                           vectorized=vectorized)
                 log_weight, stats = _anneal(target, target.sample_proposal(), betas, options["hmc_step_size"],

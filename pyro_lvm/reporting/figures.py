@@ -184,3 +184,35 @@ def pareto_khat(khat, path):
     ax.set_xlabel("data point")
     ax.set_ylabel("Pareto k-hat")
     return _save(fig, path)
+
+
+def fuzziness_extremes(sharpest, fuzziest, path):
+    """The sharpest and the fuzziest codes side by side (Zhao, Song & Ermon, 2017, figure 1): for each
+    code a column with the decoder's mean E[x|z] above the mean of q(x|z), titled by F(z).
+
+    ``sharpest`` and ``fuzziest`` are ``(decoded [n, C, H, W], q_means [n, C, H, W], values [n])``.
+    """
+    columns = max(len(sharpest[2]), len(fuzziest[2]))
+    fig = plt.figure(figsize=(2 * 0.95 * columns + 1.0, 2.9), layout="constrained")
+    for panel, ((decoded, means, values), title) in zip(
+            fig.subfigures(1, 2, wspace=0.04), ((sharpest, "sharpest codes"), (fuzziest, "fuzziest codes"))):
+        panel.suptitle(f"{title}: F(z) above each", fontsize=10)
+        axes = panel.subplots(2, columns, squeeze=False)
+        for column in range(columns):
+            for row, images in enumerate((decoded, means)):
+                ax = axes[row, column]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if column >= len(values):
+                    ax.axis("off")
+                    continue
+                image = _displayable(images[column : column + 1])[0]
+                ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1,
+                          interpolation="nearest")
+            if column < len(values):
+                axes[0, column].set_title(f"{values[column]:.3g}", fontsize=8)
+        axes[0, 0].set_ylabel("E[x|z]", fontsize=8)
+        axes[1, 0].set_ylabel("E_q(x|z)[x]", fontsize=8)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path

@@ -3,9 +3,10 @@
 The page answers, in order: did training converge (the bound per epoch), what does the model
 generate (samples), what does it keep of a data point (reconstructions through the posterior mean),
 what does the code look like (posterior means in 2-D, coloured by label; traversals of the most used
-dimensions for images), which dimensions are used (KL and activity per dimension), can the guide be
-trusted as an importance-sampling proposal (Pareto k-hat per point), and the diagnostics table of
-:func:`pyro_lvm.diagnostics.diagnose_run`, led by its posterior-collapse verdict.
+dimensions for images), which dimensions are used (KL and activity per dimension), how fuzzy the codes
+are (the sharpest and the fuzziest codes' decoded means beside the means of q(x|z), for images), can
+the guide be trusted as an importance-sampling proposal (Pareto k-hat per point), and the diagnostics
+table of :func:`pyro_lvm.diagnostics.diagnose_run`, led by its posterior-collapse verdict.
 """
 
 import json
@@ -15,7 +16,8 @@ import pathlib
 import numpy as np
 import torch
 
-from ..diagnostics import diagnose_run, model_device
+from ..diagnostics import code_fuzziness, diagnose_run, model_device
+from ..diagnostics.fuzziness import FuzzinessUndefined
 from ..diagnostics.traces import chunks, seeded
 from ..errors import UserError
 from ..estimators import check_per_point_guide
@@ -29,10 +31,11 @@ NUM_RECONSTRUCTIONS = 32  # images: four rows of eight, each under its data row
 TRAVERSAL_DIMS = 8
 TRAVERSAL_STEPS = 9
 TRAVERSAL_RANGE = 3.0  # prior standard deviations either side
+FUZZINESS_CODES = 8  # the sharpest and the fuzziest codes shown, each
 
 #: Every file a report may write (``ReportFolder.check`` refuses to replace one it did not write).
 REPORT_FILES = ("index.html", "diagnostics.json", "curves.png", "samples.png", "reconstructions.png", "embedding.png",
-                "traversals.png", "kl_per_dim.png", "khat.png")
+                "traversals.png", "kl_per_dim.png", "fuzziness.png", "khat.png")
 
 DIAGNOSTIC_ROWS = (
     ("num_points", "data points"),
@@ -46,6 +49,8 @@ DIAGNOSTIC_ROWS = (
     ("elbo", "ELBO = -(D + R) (nats)"),
     ("is_log_px", "log p(x), importance sampling (nats)"),
     ("elbo_gap", "log p(x) - ELBO = KL(q || p(z|x)) (nats)"),
+    ("fuzziness", "fuzziness E_q(z) sum_d Var_q(x|z)[x_d] (squared units of x)"),
+    ("fuzziness_ratio", "fuzziness / total variance of the split"),
     ("label_probe_accuracy", "label from E[z|x], logistic regression accuracy"),
     ("label_chance_accuracy", "majority-class accuracy"),
     ("collapsed", "posterior collapse"),
@@ -98,6 +103,7 @@ def _write_report(run, out_dir, split, num_samples, khat_points, khat_particles,
         sections.append(_traversals(lvm, x, sites, codes, diagnostics, out_dir))
     sections += [
         _kl_per_dimension(diagnostics, out_dir),
+        _fuzziness(lvm, x, data.is_image, diagnostics, out_dir, seed),
         _khat(lvm, x[:khat_points], khat_particles, out_dir, seed),
         _diagnostics_table(diagnostics),
         _configuration(run.config, split),
@@ -226,6 +232,52 @@ def _kl_per_dimension(diagnostics, out_dir):
     section.image, section.alt = path.name, "KL and activity per latent dimension"
     section.caption = ("Top: E_x KL(q(z_d|x) || p(z_d)) per dimension. Bottom: Var_x E[z_d|x] (log scale) "
                        "against the active-unit threshold (Burda et al., 2015).")
+    return section
+
+
+def _fuzziness(lvm, x, is_image, diagnostics, out_dir, seed):
+    section = Section("Fuzziness of codes")
+    if "fuzziness" not in diagnostics:
+        section.note = diagnostics.get("error", "No fuzziness diagnostic.")
+        return section
+    if diagnostics["fuzziness"] is None:
+        reason = (diagnostics.get("null_reason") or {}).get("fuzziness", "undefined for this program")
+        section.note = f"The fuzziness of codes is undefined here: {reason}."
+        return section
+    section.rows = [
+        ("fuzziness F = E_q(z) sum_d Var_q(x|z)[x_d]", diagnostics["fuzziness"]),
+        ("its Monte Carlo standard error", diagnostics["fuzziness_mc_stderr"]),
+        ("per coordinate of x", diagnostics["fuzziness_per_dim"]),
+        ("total variance of the split (F of codes that say nothing)", diagnostics["fuzziness_data_variance"]),
+        ("F / total variance", diagnostics["fuzziness_ratio"]),
+        ("data points a code mixes (mean ESS of q(x|z))", diagnostics["fuzziness_ess_mean"]),
+    ]
+    text = ("q(x|z) = p_data(x) q(z|x) / q(z) is the set of data points a code z stands for, weighted; a "
+            "factorized decoder's best fit to it is their average, so a broad q(x|z) means fuzzy samples "
+            "(Zhao, Song &amp; Ermon, 2017). F is its variance, summed over the coordinates of x and averaged "
+            "over codes z ~ q(z), on this split's points.")
+    if not is_image:
+        section.caption = text
+        return section
+    try:
+        with torch.no_grad():
+            with seeded(seed, x.device):  # the codes of diagnose_run, which uses the same seed
+                result = code_fuzziness(lvm, x)
+            blocks = []
+            for indices in result.extremes(FUZZINESS_CODES):
+                codes = {name: code[indices] for name, code in result.codes.items()}
+                decoded = decoder_means(lvm, codes, like=x)
+                blocks.append((decoded, result.data_means(indices), result.per_code[indices].tolist()))
+    except (FuzzinessUndefined, UserError) as err:
+        section.caption = text
+        section.note = f"No figure of the sharpest and fuzziest codes: {err}."
+        return section
+    path = figures.fuzziness_extremes(blocks[0], blocks[1], out_dir / "fuzziness.png")
+    section.image, section.alt, section.pixels = path.name, "the sharpest and the fuzziest codes", True
+    section.caption = (text + f" Left, the {len(blocks[0][2])} sharpest codes (smallest F(z)); right, the fuzziest. "
+                       "Top row: the decoder's mean E[x|z] (a sample of p(x|z) where the likelihood has no "
+                       "closed-form mean, as for a PixelCNN); bottom row: the mean of q(x|z), the average of "
+                       "the data points the code mixes.")
     return section
 
 
