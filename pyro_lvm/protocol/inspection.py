@@ -96,6 +96,9 @@ class ModelInfo:
     sample_with_num_samples: bool = False
     markov: bool = False
     vectorizable: Optional[bool] = None
+    # why the observed sites' density is not log p(x) (a part of x, or an entry twice), else None:
+    # fit and the estimators refuse such a program; diagnostics of what it observes still run
+    coverage_problem: Optional[str] = None
 
     @property
     def enumerated(self):
@@ -526,23 +529,24 @@ def _unmapped_observations(program, model_trace, plate, probe, observed, positio
                     f"or transform the data file instead")
 
 
-def _check_coverage(program, point_shape, positions):
-    """The observed sites together must hold every entry of a data point exactly once: observing a part
-    of x (``obs=x[:, :2]``, the rest used as covariates or ignored) gives the density of that part, and
-    observing an entry twice counts it twice; neither is log p(x)."""
+def _coverage_problem(program, point_shape, positions):
+    """Why the observed sites are not x: together they must hold every entry of a data point exactly
+    once. Observing a part of x (``obs=x[:, :2]``, the rest used as covariates or ignored) gives the
+    density of that part, and observing an entry twice counts it twice; neither is log p(x)."""
     size = math.prod(point_shape) if point_shape else 1
     if not positions:
-        return
+        return None
     counts = torch.bincount(torch.cat([p.reshape(-1).cpu() for p in positions.values()]), minlength=size)
     sites = ", ".join(map(repr, positions))
     if bool((counts > 1).any()):
-        raise UserError(f"{program.program_name}.model observes {int((counts > 1).sum())} of the {size} entries "
-                        f"of each data point more than once (sites {sites}): their density would be counted twice "
-                        f"in log p(x); observe each entry of x once")
+        return (f"{program.program_name}.model observes {int((counts > 1).sum())} of the {size} entries of each "
+                f"data point more than once (sites {sites}): their density would be counted twice in log p(x); "
+                f"observe each entry of x once")
     if bool((counts == 0).any()):
-        raise UserError(f"{program.program_name}.model observes {int((counts > 0).sum())} of the {size} entries of "
-                        f"each data point (sites {sites}): the density of a part of x is not log p(x); observe "
-                        f"all of x, or give a data file with only the entries the model explains")
+        return (f"{program.program_name}.model observes {int((counts > 0).sum())} of the {size} entries of each "
+                f"data point (sites {sites}): the density of a part of x is not log p(x); observe all of x, "
+                f"or give a data file with only the entries the model explains")
+    return None
 
 
 def observed_values(info, trace):
@@ -642,7 +646,7 @@ def _inspect(program, x):
     observed = [name for name, _ in _observed(model_trace)]
     positions = _observation_map(twin, x, plate, probe, observed)
     positions.update(_unmapped_observations(twin, model_trace, plate, probe, observed, positions))
-    _check_coverage(twin, shape, positions)
+    coverage_problem = _coverage_problem(twin, shape, positions)
     latents = _latent_sites(twin, guide_trace, model_trace, plate)
     observed_sites = []
     for name, site in _observed(model_trace):
@@ -662,7 +666,8 @@ def _inspect(program, x):
         observed_sites=observed_sites, data_plate=plate, point_shape=shape, data_shape=tuple(program.data_shape),
         guide_only_sites=guide_only, global_auxiliary_sites=global_auxiliary, per_point_parameters=_per_point_parameters(guide_trace, plate),
         sample_with_num_samples=program.model_call.takes_num_samples,
-        markov=any("_markov_depth" in site["infer"] for _, site in _sample_sites(model_trace)))
+        markov=any("_markov_depth" in site["infer"] for _, site in _sample_sites(model_trace)),
+        coverage_problem=coverage_problem)
     if twin is not program:
         sized = _size_dependent_parameters(program, x, info, _parameter_shapes(twin))
         info.per_point_parameters = sorted(set(info.per_point_parameters) | set(sized))
