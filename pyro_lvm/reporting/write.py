@@ -302,7 +302,9 @@ def _diagnostics_table(diagnostics):
     if "error" in diagnostics:
         section.note = diagnostics["error"]
         return section
-    section.rows = [(label, diagnostics[key]) for key, label in DIAGNOSTIC_ROWS if key in diagnostics]
+    reasons = diagnostics.get("null_reason") or {}
+    section.rows = [(label, diagnostics[key] if diagnostics[key] is not None else f"undefined: {reasons.get(key, 'no value')}")
+                    for key, label in DIAGNOSTIC_ROWS if key in diagnostics]
     sites = ", ".join(f"{site['name']} {tuple(site['event_shape'])}" for site in diagnostics["latent_sites"])
     section.rows.insert(2, ("latent sites", sites))
     section.caption = ("Averages over the split. Collapse rule: at most 10% of the units active and "
