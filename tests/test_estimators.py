@@ -488,3 +488,18 @@ def test_progress_bar_only_on_a_terminal(ppca, monkeypatch, estimator, options):
     monkeypatch.setattr(sys, "stderr", piped)
     estimate_log_marginal(lvm, x, "is", num_samples=300, batch_size=20, progress=True)
     assert piped.getvalue() == ""
+
+
+def test_per_point_khat_is_the_psis_khat_of_each_points_weights(ppca_wide_guide):
+    """``is`` returns each point's k-hat (what ``report`` plots), whatever the chunk size: a tiny
+    memory budget (chunks of a few particles) against all 64 particles at once."""
+    lvm, x = ppca_wide_guide
+    x = x[:10]
+    whole = estimate_log_marginal(lvm, x, "is", num_samples=64, seed=4)
+    # 50 KiB: all 64 weights of the 10 points are kept for k-hat (10 KiB), the particles run in chunks.
+    chunked = estimate_log_marginal(lvm, x, "is", num_samples=64, seed=4, max_memory_mb=0.05)
+    assert chunked.extras["max_chunk_particles"] < whole.extras["max_chunk_particles"]
+    assert whole.per_point_khat.shape == (10,)
+    assert torch.allclose(whole.per_point_khat, chunked.per_point_khat)
+    assert float(whole.per_point_khat.max()) == pytest.approx(whole.extras["khat_max"])
+    assert estimate_log_marginal(lvm, x, "elbo", num_samples=8).per_point_khat is None

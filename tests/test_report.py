@@ -206,8 +206,10 @@ def test_report_for_a_model_without_guide_latents(tmp_path):
                                  test_labels=None, data_shape=(2,), is_image=False, name="blobs")
     run = types.SimpleNamespace(path=tmp_path, config={"model": "mixture"}, model=Mixture(), data=data, metrics=[])
     page = write_report(run)
-    assert set(check_page(page)) == {"samples.png", "khat.png"}
+    # Every latent is summed out: log p(x) is exact, there are no importance weights to plot.
+    assert set(check_page(page)) == {"samples.png"}
     assert "No latent-usage diagnostics: diagnose needs a guide that samples local latents" in page.read_text()
+    assert "no importance weights" in page.read_text()
 
 
 def test_the_api_function_report_is_not_shadowed_by_a_subpackage():

@@ -34,7 +34,7 @@ from ..errors import UserError
 from ..protocol.plates import plate_frame
 from .active_units import ACTIVE_UNIT_THRESHOLD, active_unit_variances, count_active_units
 from .collapse import is_collapsed, verdict
-from .fuzziness import FuzzinessUndefined, code_fuzziness, undefined_summary
+from .fuzziness import FuzzinessUndefined, check_fixed_posterior, code_fuzziness, undefined_summary
 from .kl import site_kl
 from .mutual_information import aggregate_posterior_mutual_information
 from .traces import analytic_kl_is_exact, diagnosed_sites, posterior_mean, seeded
@@ -192,8 +192,18 @@ def diagnose_model(
 
     # The mutual information draws its own codes from a fresh seed, in chunks that do not depend on
     # batch_size, so that it is the same number whatever the memory budget.
-    with torch.no_grad(), seeded(seed, x.device):
-        mutual_information = aggregate_posterior_mutual_information(program, x, sites, num_samples=num_mi_samples)
+    # Both need q(z|x_m) as one fixed distribution per point; a hierarchical or enumerating guide gets
+    # null with the reason rather than the number of its sites taken as independent.
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            check_fixed_posterior(program, info, x, sites)
+        posterior_problem = None
+    except FuzzinessUndefined as err:
+        posterior_problem = str(err)
+    mutual_information = None
+    if posterior_problem is None:
+        with torch.no_grad(), seeded(seed, x.device):
+            mutual_information = aggregate_posterior_mutual_information(program, x, sites, num_samples=num_mi_samples)
     fuzziness, fuzziness_reasons = {}, None
     if num_fuzziness_samples > 0:
         with torch.no_grad(), seeded(seed, x.device):
@@ -224,14 +234,17 @@ def diagnose_model(
         "mutual_information": mutual_information,
         "mutual_information_ceiling": math.log(num_points),
         # ELBO surgery: rate = I_q(x;z) + KL(q(z) || p(z)); inherits the downward bias of the MI.
-        "marginal_kl": kl_total - mutual_information,
+        "marginal_kl": None if mutual_information is None else kl_total - mutual_information,
         "rate": kl_total,
         "distortion": distortion,
         "elbo": elbo,
-        "collapsed": is_collapsed(active_units, latent_dims, mutual_information),
+        "collapsed": is_collapsed(active_units, latent_dims, mutual_information, kl_total),
         "verdict": verdict(active_units, latent_dims, mutual_information, kl_total, num_points, inactive_kl),
         **fuzziness,
     }
+    if mutual_information is None:
+        fuzziness_reasons = {**(fuzziness_reasons or {}), "mutual_information": posterior_problem,
+                             "marginal_kl": posterior_problem}
     if fuzziness_reasons:
         result["null_reason"] = fuzziness_reasons
     if info.global_latents:

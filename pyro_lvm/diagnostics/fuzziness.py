@@ -173,7 +173,7 @@ def code_fuzziness(lvm, x, num_samples=1, chunk_size=None, sites=None):
     info = ensure_info(program, x)
     sites = diagnosed_sites(info) if sites is None else sites
     num_points = x.shape[0]
-    _check_defined(program, info, x, sites)
+    check_fixed_posterior(program, info, x, sites)
     latent_dims = sum(site.dims for site in sites)
     if chunk_size is None:
         chunk_size = max(16, min(1024, int(math.sqrt(PAIRWISE_ELEMENTS / latent_dims))))
@@ -208,8 +208,9 @@ def code_fuzziness(lvm, x, num_samples=1, chunk_size=None, sites=None):
                          data_dims=_observed_dims(info), program=program)
 
 
-def _check_defined(program, info, x, sites):
-    """Raise :class:`FuzzinessUndefined` where q(z|x_m) is not one fixed distribution per point."""
+def check_fixed_posterior(program, info, x, sites):
+    """Raise :class:`FuzzinessUndefined` where q(z|x_m) is not one fixed distribution per point (what
+    the fuzziness's weights and the mutual information's mixture q(z) = (1/N) sum_m q(z|x_m) need)."""
     if info.guide_enumerated:
         raise FuzzinessUndefined(
             f"the guide enumerates {', '.join(s.name for s in info.guide_enumerated)}: q(z|x) is a sum over "
@@ -229,7 +230,7 @@ def _check_defined(program, info, x, sites):
                 raise FuzzinessUndefined(
                     f"the guide's distribution of {site.name} changes with its other random draws (a "
                     "hierarchical guide, or a local site that depends on a global draw): q(z|x_m) is not one "
-                    "fixed distribution per point, which the weights need")
+                    "fixed distribution per point")
 
 
 def _per_point(node, plate):

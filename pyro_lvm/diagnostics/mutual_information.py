@@ -24,9 +24,11 @@ is part of the mixture. The bias is small when I_q(x; z) is well below log N and
 approaches it; a value near log N only says "at least this much". The Monte-Carlo error over z is
 that of a mean of N K terms.
 
-q(z|x_m) is evaluated with each site's distribution as the guide produced it for x_m, so a guide
-whose local sites depend on each other's sampled values (a hierarchical guide) is treated as if its
-sites were conditionally independent given x; for the usual amortized guides that is exact.
+q(z|x_m) is evaluated with each site's distribution as the guide produced it for x_m, which is
+q(z|x_m) only where that distribution is fixed given x_m. For a guide whose local sites depend on each
+other's sampled values (a hierarchical guide), on a global draw, or on enumerated values, it is not:
+``diagnose`` checks that first (:func:`.fuzziness.check_fixed_posterior`) and reports the mutual
+information as null with the reason rather than this estimator's number for such a guide.
 """
 
 import math

@@ -58,7 +58,8 @@ class LogMarginalEstimate:
 
     ``per_point_mc_stderr`` ``[N]``: each point's Monte Carlo standard error (0 for exact values,
     NaN where undefined, as with one particle); ``mc_stderr``: that of ``log_px``;
-    ``samples_per_point`` ``[N]``: the particles (AIS: chains) each point took, or ``None`` for ``exact``.
+    ``samples_per_point`` ``[N]``: the particles (AIS: chains) each point took, or ``None`` for ``exact``;
+    ``per_point_khat`` ``[N]``: each point's PSIS k-hat of its importance weights (``is`` only, else ``None``).
     """
 
     per_point: torch.Tensor
@@ -71,9 +72,11 @@ class LogMarginalEstimate:
     per_point_mc_stderr: torch.Tensor = None
     mc_stderr: float = math.nan
     samples_per_point: torch.Tensor = None
+    per_point_khat: torch.Tensor = None
 
 
-def summarize(per_point, per_point_mc_stderr, samples_per_point, estimator, num_samples, seconds, extras):
+def summarize(per_point, per_point_mc_stderr, samples_per_point, estimator, num_samples, seconds, extras,
+              per_point_khat=None):
     """A :class:`LogMarginalEstimate` from per-point values: means and standard errors."""
     per_point = per_point.detach().reshape(-1)
     n = per_point.numel()
@@ -81,7 +84,7 @@ def summarize(per_point, per_point_mc_stderr, samples_per_point, estimator, num_
     stderr = float(per_point.double().std() / math.sqrt(n)) if n > 1 else 0.0
     mc_stderr = stderr_of_mean(per_point_mc_stderr.double().pow(2))
     return LogMarginalEstimate(per_point, log_px, stderr, estimator, num_samples, seconds, dict(extras or {}),
-                               per_point_mc_stderr, mc_stderr, samples_per_point)
+                               per_point_mc_stderr, mc_stderr, samples_per_point, per_point_khat)
 
 
 def _check_estimator(name):
@@ -217,12 +220,14 @@ def _sampling_estimate(lvm, x, key, num_samples, batch_size, max_memory_mb, seed
         result = sample_with_target(sample, x, batch_size, num_samples, statistic, seed, target, max_samples,
                                     cost, progress, batches=batches)
         extras = _ais_extras(result)
+        khat = None
     else:
         sample, planner, enumerated = _importance_sampler(lvm, x, key, batch_size, max_memory_mb, progress)
         result = sample_with_target(sample, x, batch_size, num_samples, statistic, seed, target, max_samples,
                                     None, progress, batches=batches)
         from .importance_sampling import sampling_extras
 
+        khat = result.khat
         khat_samples = int(result.khat_samples.min()) if result.khat is not None else None
         extras = sampling_extras(result.stats, planner, result.khat, khat_samples)
         if key == "is" and result.khat is None:
@@ -240,7 +245,8 @@ def _sampling_estimate(lvm, x, key, num_samples, batch_size, max_memory_mb, seed
                        "rounds": result.rounds, "samples_total": int(samples.sum()), "samples_max": int(samples.max()),
                        "points_refined": int((samples > num_samples).sum()),
                        "points_above_target": result.above_target})
-    return per_point, per_point_mc, result.samples_per_point.to(x.device), extras
+    khat = None if khat is None else torch.as_tensor(khat, dtype=torch.float64)
+    return per_point, per_point_mc, result.samples_per_point.to(x.device), extras, khat
 
 
 def _ais_extras(result):
@@ -300,16 +306,17 @@ def estimate_log_marginal(lvm, x, estimator="is", num_samples=1000, batch_size=1
             from .exact import exact_log_marginal
             per_point, extras = exact_log_marginal(program, x, batch_size)
             per_point = per_point.detach().reshape(-1).to(x.device)
-            per_point_mc, samples = torch.zeros_like(per_point), None
+            per_point_mc, samples, khat = torch.zeros_like(per_point), None, None
         else:
-            per_point, per_point_mc, samples, extras = _sampling_estimate(
+            per_point, per_point_mc, samples, extras, khat = _sampling_estimate(
                 program, x, key, num_samples, batch_size, max_memory_mb, seed, opts, target_mc_error, max_samples,
                 bar)
         extras = {**predictive_extras(info), **extras}
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     seconds = time.perf_counter() - start
-    return summarize(per_point.to(x.device), per_point_mc.to(x.device), samples, key, num_samples, seconds, extras)
+    return summarize(per_point.to(x.device), per_point_mc.to(x.device), samples, key, num_samples, seconds, extras,
+                     per_point_khat=khat)
 
 
 __all__ = ["ESTIMATORS", "LogMarginalEstimate", "Progress", "check_factorizing_guide", "check_per_point_guide",

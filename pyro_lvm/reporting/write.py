@@ -284,19 +284,20 @@ def _fuzziness(lvm, x, is_image, diagnostics, out_dir, seed):
 def _khat(lvm, x, num_particles, out_dir, seed):
     section = Section("Importance sampling: Pareto k-hat")
     try:
-        from ..estimators.psis import pareto_khat
-        from ..estimators.importance_weights import importance_log_weights
+        from ..estimators import estimate_log_marginal
     except ImportError as err:
         section.note = f"The estimators are not available ({err})."
         return section
     try:
-        with torch.no_grad(), seeded(seed, x.device):
-            log_weights = torch.cat([importance_log_weights(lvm, x[part], num_particles).detach().cpu()
-                                     for part in chunks(x.shape[0], 50)], dim=-1)
+        # The estimator's own chunking keeps the particles of a large decoder within its memory budget.
+        estimate = estimate_log_marginal(lvm, x, "is", num_samples=num_particles, batch_size=50, seed=seed)
     except UserError as err:
         section.note = str(err)
         return section
-    khat = pareto_khat(log_weights)
+    if estimate.per_point_khat is None:
+        section.note = "Every latent is summed out exactly: there are no importance weights."
+        return section
+    khat = estimate.per_point_khat.numpy()
     path = figures.pareto_khat(khat, out_dir / "khat.png")
     section.image, section.alt = path.name, "Pareto k-hat per data point"
     section.caption = (f"PSIS k-hat of {num_particles} importance weights p(x,z)/q(z|x), z ~ q(z|x), for each "
@@ -318,7 +319,9 @@ def _diagnostics_table(diagnostics):
     if "error" in diagnostics:
         section.note = diagnostics["error"]
         return section
-    section.rows = [(label, diagnostics[key]) for key, label in DIAGNOSTIC_ROWS if key in diagnostics]
+    reasons = diagnostics.get("null_reason") or {}
+    section.rows = [(label, diagnostics[key] if diagnostics[key] is not None else f"undefined: {reasons.get(key, 'no value')}")
+                    for key, label in DIAGNOSTIC_ROWS if key in diagnostics]
     sites = ", ".join(f"{site['name']} {tuple(site['event_shape'])}" for site in diagnostics["latent_sites"])
     section.rows.insert(2, ("latent sites", sites))
     section.caption = ("Averages over the split. Collapse rule: at most 10% of the units active and "
