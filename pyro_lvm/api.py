@@ -408,7 +408,7 @@ def _resume_request(config, cls, model, data, hyperparameters, options):
                 requested["data.binarize"] = ("--binarize", value)
         else:
             requested[key] = ("--" + key.replace("_", "-"), value)
-    given = resolve_hyperparameters(cls, hyperparameters) if hyperparameters else {}
+    given = resolve_hyperparameters(cls, hyperparameters, complete=False) if hyperparameters else {}
     for key in (hyperparameters or {}):
         requested[f"hyperparameters.{key}"] = (f"-p {key}", given[key])
     return requested

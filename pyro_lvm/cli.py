@@ -158,7 +158,7 @@ def _model_help(model_spec):
     lines = [f"{cls.__name__}: {doc[0] if doc else ''}", "hyperparameters (-p KEY=VALUE):"]
     for key, default in hyperparameters(cls).items():
         shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
-        lines.append(f"  {key} (default {shown})")
+        lines.append(f"  {key} (required)" if repr(default) == "required" else f"  {key} (default {shown})")
     return "\n".join(lines)
 
 

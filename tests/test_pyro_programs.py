@@ -146,6 +146,25 @@ def counts(seed=6, sizes=(300, 50, 50), vocab=12, words=30):
     return _splits(x, sizes)
 
 
+def linear_gaussian_sequences(seed=9, sizes=(200, 50, 50), length=4):
+    """Sequences [N, T, 2] of a linear-Gaussian state-space model with a 1-D state (the tiny DMM's data)."""
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    z, x = np.zeros(n), np.zeros((n, length, 2))
+    for t in range(length):
+        z = 0.8 * z + 0.6 * rng.normal(size=n)
+        x[:, t] = z[:, None] * np.array([1.5, -1.0]) + 0.4 * rng.normal(size=(n, 2))
+    return _splits(x.astype(np.float32), sizes)
+
+
+def poisson_counts(seed=10, sizes=(300, 50, 50), genes=6):
+    """Counts [N, G] with log-rates linear in one Gaussian factor (the scVI-style model's data)."""
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    rates = np.exp(1.0 + rng.normal(size=(n, 1)) @ rng.normal(size=(1, genes)))
+    return _splits(rng.poisson(rates).astype(np.float32), sizes)
+
+
 def mnist_binary(data_dir, sizes=(400, 100, 30)):
     import torchvision
 
@@ -405,6 +424,115 @@ def truth_prodlda(lvm, x):
     return quadrature(log_lik, len(x), 1, log_prior=log_prior, lo=-10.0, hi=10.0), None
 
 
+def truth_masked_mixture(lvm, x):
+    """MaskedMixture(k, c0, c1) takes c1 where k = 1: p(x) = (1 - pi) N(loc_0, s_0^2) + pi N(loc_1, s_1^2)."""
+    pi = lvm.pi.detach()
+    return mixture_1d_log_prob(x, torch.stack([1 - pi, pi]), lvm.locs.detach(), lvm.scales.detach()), None
+
+
+def truth_mixture_same_family(lvm, x):
+    p = trace_values(lvm, x, "param")
+    components = dist.Normal(p["locs"].double(), p["scales"].double()).log_prob(x.double().unsqueeze(-2)).sum(-1)
+    return torch.logsumexp(components + p["weights"].double().log(), -1), None
+
+
+def truth_full_covariance(lvm, x):
+    p = trace_values(lvm, x, "param")
+    components = dist.MultivariateNormal(p["locs"].double(), scale_tril=p["scale_tril"].double()).log_prob(
+        x.double().unsqueeze(-2))
+    return torch.logsumexp(components + p["weights"].double().log(), -1), None
+
+
+def truth_vae_deterministic(lvm, x):
+    W, b = lvm.decoder.weight.detach(), lvm.decoder.bias.detach()
+    sigma = trace_values(lvm, x, "param")["sigma"]
+    return mvn_log_prob(x, b, W @ W.T + sigma ** 2 * torch.eye(len(b))), None
+
+
+def truth_local_params_fa(lvm, x):
+    W, b, psi = lvm.decoder.weight.detach(), lvm.decoder.bias.detach(), lvm.log_noise.detach().exp() ** 2
+    return mvn_log_prob(x, b, W @ W.T + torch.diag(psi)), None
+
+
+def truth_dmm_linear(lvm, x):
+    """The linear-Gaussian DMM's sequence x [N, T, D] is jointly Gaussian: z = mu + L e with e ~ N(0, I)
+    stacked over time (z_t = A z_{t-1} + a + s_z e_t from z_0), x_t = C z_t + c + s_x noise."""
+    N, T, D = x.shape
+    with torch.no_grad():
+        A, a = (t.double() for t in (lvm.trans.lin_z_to_loc.weight, lvm.trans.lin_z_to_loc.bias))
+        C, c = (t.double() for t in (lvm.emitter.lin_z_to_loc.weight, lvm.emitter.lin_z_to_loc.bias))
+        s_z, s_x = lvm.trans.log_scale.exp().double(), lvm.emitter.log_scale.exp().double()
+        Z = A.shape[0]
+        mean, L = lvm.z_0.double(), torch.zeros(Z, T * Z, dtype=torch.float64)
+        means, rows = [], []
+        for t in range(T):
+            mean, L = A @ mean + a, A @ L
+            L[:, t * Z:(t + 1) * Z] += torch.diag(s_z)
+            means.append(mean)
+            rows.append(L)
+        mu, L = torch.cat(means), torch.cat(rows)
+        C_all = torch.block_diag(*[C] * T)
+        covariance = C_all @ L @ L.T @ C_all.T + torch.diag(s_x.repeat(T) ** 2)
+    return mvn_log_prob(x.reshape(N, T * D), C_all @ mu + c.repeat(T), covariance), None
+
+
+def truth_scvi_poisson(lvm, x):
+    """One latent dimension: quadrature over z of prod_g Poisson(x_g; exp(decoder(z))_g), unscaled (the
+    tutorial's poutine.scale multiplies the objective, not the model's density)."""
+    def log_lik(z, rows):
+        rate = lvm.decoder(z.float()).exp().double()  # [G, genes]
+        return dist.Poisson(rate).log_prob(x[rows].double().unsqueeze(1)).sum(-1)
+
+    return quadrature(log_lik, len(x), 1), None
+
+
+def prototype_bits(seed=13, sizes=(300, 50, 50)):
+    """8 binary pixels from two noisy prototypes (the categorical VAE's data)."""
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    prototypes = np.array([[0.9] * 4 + [0.1] * 4, [0.1] * 4 + [0.9] * 4])
+    return _splits((rng.random((n, 8)) < prototypes[rng.choice(2, n)]).astype(np.float32), sizes)
+
+
+def truth_categorical_vae(lvm, x):
+    def log_lik(z, rows):
+        logits = lvm.decoder(z.float()).reshape(len(z), lvm.data_dim, lvm.num_categories).double()
+        return dist.Categorical(logits=logits).log_prob(x[rows].long().unsqueeze(1)).sum(-1)
+
+    return quadrature(log_lik, len(x), 1), None
+
+
+def predictive_by_guide(lvm, x, log_lik, num_samples=1000, seed=12):
+    """Held-out predictive log (1/S) sum_s p(x_n | theta_s), theta_s ~ q drawn by running the fitted guide
+    (any AutoGuide or easyguide); ``log_lik(values, x)`` -> [N] from the sampled globals."""
+    pyro.set_rng_seed(seed)
+    with torch.no_grad():
+        draws = [log_lik(traced(lvm.guide, x).nodes, x) for _ in range(num_samples)]
+    return log_mean_exp_with_error(torch.stack(draws).double(), dim=0)
+
+
+def truth_autoguide_list(lvm, x):
+    return predictive_by_guide(lvm, x, lambda v, x: dist.Normal(v["loc"]["value"], v["scale"]["value"]).log_prob(x))
+
+
+def truth_lowrank_mvn(lvm, x):
+    return predictive_by_guide(lvm, x, lambda v, x: dist.Normal(
+        v["mu"]["value"], v["log_sigma"]["value"].exp()).log_prob(x).sum(-1))
+
+
+def truth_autoiaf(lvm, x):
+    return predictive_by_guide(lvm, x, lambda v, x: dist.Normal(
+        v["mu"]["value"], v["log_s"]["value"].exp()).log_prob(x).sum(-1))
+
+
+def truth_easyguide(lvm, x):
+    def log_lik(v, x):
+        locs, scale = v["locs"]["value"], v["scale"]["value"]
+        return mixture_1d_log_prob(x, torch.tensor([0.5, 0.5]), locs, scale)
+
+    return predictive_by_guide(lvm, x, log_lik)
+
+
 def gaussian_floor(splits):
     """Test log p(x) per point of one Gaussian fitted to the training split (maximum likelihood): a
     fitted mixture must do better (an untrained one, its pyro.param values left at their start, does not)."""
@@ -516,6 +644,33 @@ CASES = [
     Case("prodlda.py:ProdLDA", counts, hp(vocab_size=12, num_topics=2, hidden=16)
          + train(10, 0.01, "--objective", "meanfield"), CONTINUOUS, refused=("exact",), truth=truth_prodlda,
          two_sided=()),
+    # The kept-apart rehearsal (issue 10): idioms beyond the first corpus.
+    Case("masked_mixture.py:MaskedGaussianMixture", mixture_1d, train(), ENUMERATED, either=("ais",),
+         truth=truth_masked_mixture, diagnose=EITHER, floor=gaussian_floor),
+    Case("mixture_same_family.py", mixture_2d, train(), ENUMERATED, either=("ais",), truth=truth_mixture_same_family,
+         changed={"weights": [1 / 3] * 3}, diagnose=EITHER, floor=gaussian_floor),
+    Case("full_covariance_params.py", mixture_2d, train(), ENUMERATED, either=("ais",), truth=truth_full_covariance,
+         changed={"scale_tril": [[[1.0, 0.0], [0.0, 1.0]]] * 3}, diagnose=EITHER, fresh_process="exact",
+         floor=gaussian_floor),
+    Case("vae_deterministic.py:DeterministicVAE", linear_gaussian, train(), CONTINUOUS, refused=("exact",),
+         truth=truth_vae_deterministic, changed={"sigma": 1.0}, rate=True, floor=ppca_floor),
+    Case("dmm_linear.py:DMM", linear_gaussian_sequences, train(10, 0.02), CONTINUOUS, refused=("exact",),
+         truth=truth_dmm_linear, rate=True, two_sided=()),
+    Case("scvi_poisson.py:CountVAE", poisson_counts, train(20, 0.01), CONTINUOUS, refused=("exact",),
+         truth=truth_scvi_poisson, rate=True, two_sided=()),
+    Case("categorical_vae.py:CategoricalVAE", prototype_bits, train(20, 0.02), CONTINUOUS, refused=("exact",),
+         truth=truth_categorical_vae, rate=True),
+    Case("local_params_subsample.py:LocalParamFA", linear_gaussian, train(30, 0.05, "--batch-size", "300"),
+         refused=CONTINUOUS, truth=truth_local_params_fa, diagnose=EITHER, refusal_hint="amortiz",
+         train_split=("is", "elbo")),
+    Case("autoguide_list.py", normal_1d, train(), ("is", "elbo"), either=("iwae", "ais"), refused=("exact",),
+         truth=truth_autoguide_list, predictive=True, diagnose=EITHER),
+    Case("lowrank_mvn.py", linear_gaussian, train(), ("is", "elbo"), either=("iwae", "ais"), refused=("exact",),
+         truth=truth_lowrank_mvn, predictive=True, diagnose=EITHER),
+    Case("autoiaf_global.py", mixture_2d, train(30, 0.02), ("is", "elbo"), either=("iwae", "ais"),
+         refused=("exact",), truth=truth_autoiaf, predictive=True, diagnose=EITHER),
+    Case("easyguide_global.py", mixture_1d, train(), ("is", "elbo"), either=("iwae", "ais"), refused=("exact",),
+         truth=truth_easyguide, predictive=True, diagnose=EITHER),
 ]
 
 
@@ -799,11 +954,51 @@ def test_pyro_program(case, tmp_path, capsys, request):
         if case.floor is not None and truth["exact"] < case.floor(splits):
             problems.append(f"the fitted model's test log p(x) {truth['exact']:.4f} (independent value) is below "
                             f"{case.floor(splits):.4f}: the fit did not learn what it should have")
-    _check_restored(case, run, x_test, lvm, problems)
+    # a guide with one parameter per training point runs on the training points only
+    _check_restored(case, run, splits["train"] if case.train_split else x_test, lvm, problems)
     records = _evaluate_all(case, run, lvm, splits, truth, truth_se, capsys, problems)
     _check_sample(run, capsys, problems)
     _check_diagnose_and_report(case, run, lvm, x_test, records, tmp_path, capsys, problems)
+    if case.train_split:
+        # A guide with one parameter per training point has codes for the training split: the report shows them.
+        code, _, err = _command(capsys, "report", run, "--split", "train", "--out", tmp_path / "train-report",
+                                "--device", "cpu")
+        if code != 0 or not (tmp_path / "train-report" / "reconstructions.png").is_file():
+            problems.append(f"report --split train: exit {code}, no reconstructions: {err[-800:]}")
     assert not problems, f"{case.name}:\n  " + "\n  ".join(problems)
+
+
+# Programs that pyro-lvm cannot fit as they stand: each must be refused by ``fit`` with exit status 2
+# and one ``error:`` line that says what to change (matched by ``hint``), never exit 1 nor a
+# traceback; a fit refused before its first checkpoint leaves no run directory (``leaves_run``: the
+# program fails only mid-training, after checkpoints a ``--resume`` could continue from).
+REFUSED = [
+    ("bayesian_regression.py", linear_gaussian, r"observes no data.*obs=", False),
+    ("factor_likelihood.py:FactorModel", linear_gaussian, r"observes no data.*obs=", False),
+    ("argparse_at_import.py", normal_1d, r"argparse_at_import\.py.*line \d+.*__name__ == \"__main__\"", False),
+    ("sequential_enum.py:SequentialMixture", lambda: binary_digits(), r"'enumerate': 'parallel'", False),
+    ("standardized_obs.py:StandardizedFA", linear_gaussian, r"not a part of x.*Jacobian.*observe x itself", False),
+    ("bug_mid_training.py:BuggyVAE", linear_gaussian, r"bug_mid_training\.py:\d+ \(in model\): NameError", True),
+]
+
+
+@pytest.mark.parametrize("program, data, hint, leaves_run", REFUSED, ids=[r[0].split(".py")[0] for r in REFUSED])
+def test_pyro_program_refused(program, data, hint, leaves_run, tmp_path, capsys):
+    path = tmp_path / "data.npz"
+    np.savez(path, **data())
+    run = tmp_path / "run"
+    hyper = hp(data_dim=64) if program.startswith("sequential_enum") else ()
+    args = ("fit", str(PROGRAMS / program), "--data", path, *hyper, "--epochs", "10", "--device", "cpu", "--quiet",
+            "--out", run)
+    if program.startswith("argparse"):
+        # argparse reads sys.argv: only a process of its own has pyro-lvm's command line there
+        done = cli_process(*args)
+        code, err = done.returncode, done.stderr
+    else:
+        code, _, err = _command(capsys, *args)
+    assert _one_line_refusal(code, err), f"expected exit 2 with one error line, got {code}: {err[-1500:]}"
+    assert re.search(hint, err), f"the refusal does not say what to change ({hint!r}): {err.strip()}"
+    assert leaves_run or not run.exists(), f"a refused fit left {run} behind"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -843,9 +1038,11 @@ def test_program_is_valid_pyro(case):
     splits = mnist_like(case) if case.needs_mnist else case.data()
     x = torch.from_numpy(splits["train"][:64])
     pyro.clear_param_store()
-    lvm = load_program(case)
-    elbo = TraceEnum_ELBO(max_plate_nesting=2, strict_enumeration_warning=False)
-    losses = [elbo.loss(lvm.model, lvm.guide, x) for _ in range(2)]
+    # Pyro's default settings, as in a user's fresh process (other test modules turn module_local_params on)
+    with pyro.settings.context(module_local_params=False):
+        lvm = load_program(case)
+        elbo = TraceEnum_ELBO(max_plate_nesting=2, strict_enumeration_warning=False)
+        losses = [elbo.loss(lvm.model, lvm.guide, x) for _ in range(2)]
     assert all(math.isfinite(loss) for loss in losses), losses
 
 

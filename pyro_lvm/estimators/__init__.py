@@ -121,6 +121,8 @@ def _program(lvm, x):
 
     program = as_program(lvm)
     info = ensure_info(program, x)
+    if info.coverage_problem:
+        raise UserError(info.coverage_problem)
     check_per_point_guide(program, x)
     check_factorizing_guide(program)
     return program, info

@@ -2,8 +2,10 @@
 
 Every constructor parameter with a default is a hyperparameter, set with ``-p KEY=VALUE`` and typed
 by its default. The one exception is a parameter named ``data_shape``: it receives one data point's
-shape (``(D,)``, ``(C, H, W)``) and is never a hyperparameter. A parameter without a default that is
-not ``data_shape`` cannot be filled and is refused, with the fix in the message.
+shape (``(D,)``, ``(C, H, W)``) and is never a hyperparameter. A parameter without a default (as in
+the Bayesian regression tutorial's ``BayesianRegression(in_features, out_features)``) is a required
+hyperparameter: it must be given with ``-p`` (its value read as an integer, a number, a
+comma-separated tuple, true/false or a string), else the fit is refused with the fix in the message.
 """
 
 import difflib
@@ -15,6 +17,16 @@ from ..errors import UserError
 from .loading import ProgramFunctions, describe_exception, user_frame
 
 DATA_SHAPE = "data_shape"
+
+
+class _Required:
+    """The "default" of a constructor parameter that has none: it must be given with ``-p``."""
+
+    def __repr__(self):
+        return "required"
+
+
+REQUIRED = _Required()
 
 
 def _constructor_parameters(cls):
@@ -38,12 +50,26 @@ def hyperparameters(cls):
     for p in _constructor_parameters(cls):
         if p.name == DATA_SHAPE:
             continue
-        if p.default is inspect.Parameter.empty:
-            raise UserError(f"{cls.__name__}.__init__ takes {p.name!r} without a default; pyro-lvm passes only "
-                            f"{DATA_SHAPE} (one data point's shape) to a parameter of that name, and every other "
-                            f"constructor argument is a hyperparameter (-p {p.name}=VALUE): give {p.name!r} a default")
-        result[p.name] = p.default
+        result[p.name] = REQUIRED if p.default is inspect.Parameter.empty else p.default
     return result
+
+
+def _parse_untyped(text):
+    """A ``-p`` value for a parameter without a default: true/false, int, float, a comma-separated tuple
+    of those, None, or the string itself."""
+    def scalar(t):
+        if t.lower() in ("true", "false"):
+            return t.lower() == "true"
+        for conv in (int, float):
+            try:
+                return conv(t)
+            except ValueError:
+                pass
+        return None if t.lower() == "none" else t
+
+    if "," in text:
+        return tuple(scalar(item) for item in text.replace(" ", "").split(",") if item)
+    return scalar(text)
 
 
 def _parse_value(key, text, default):
@@ -80,8 +106,9 @@ def _parse_value(key, text, default):
         raise UserError(f"-p {key}={text}: {err or 'bad value'}; expected a {kind} like {key}={example}") from None
 
 
-def resolve_hyperparameters(cls, overrides):
-    """Merge ``overrides`` (``{key: str or value}``) into the class defaults, checking keys and types."""
+def resolve_hyperparameters(cls, overrides, complete=True):
+    """Merge ``overrides`` (``{key: str or value}``) into the class defaults, checking keys and types;
+    ``complete``: every parameter without a default must be among them (a fit; not a resume's check)."""
     defaults = hyperparameters(cls)
     resolved = dict(defaults)
     for key, value in (overrides or {}).items():
@@ -89,7 +116,18 @@ def resolve_hyperparameters(cls, overrides):
             close = difflib.get_close_matches(key, list(defaults), n=3)
             hint = f"did you mean {', '.join(close)}?" if close else f"{cls.__name__} takes: {', '.join(defaults) or 'none'}"
             raise UserError(f"unknown hyperparameter {key!r} for {cls.__name__}; {hint}")
-        resolved[key] = _parse_value(key, value, defaults[key]) if isinstance(value, str) else value
+        if not isinstance(value, str):
+            resolved[key] = value
+        elif defaults[key] is REQUIRED:
+            resolved[key] = _parse_untyped(value)
+        else:
+            resolved[key] = _parse_value(key, value, defaults[key])
+    missing = [key for key, value in resolved.items() if value is REQUIRED]
+    if missing and complete:
+        given = " ".join(f"-p {key}=VALUE" for key in missing)
+        raise UserError(f"{cls.__name__}.__init__ takes {', '.join(map(repr, missing))} without a default: give "
+                        f"{'it' if len(missing) == 1 else 'them'} with {given} (pyro-lvm fills in only "
+                        f"{DATA_SHAPE}, one data point's shape), or give {cls.__name__}.__init__ defaults")
     return {k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()}
 
 
@@ -117,6 +155,8 @@ def _check_model_size(cls, data_shape, hparams, device):
         defaults = {k: tuple(v) if isinstance(v, list) else v for k, v in hyperparameters(cls).items()}
     except UserError:
         defaults = None
+    if defaults is not None and any(v is REQUIRED for v in defaults.values()):
+        defaults = None  # no default build to compare an empty model with
 
     def build(values):
         with _user_settings(cls):

@@ -19,6 +19,8 @@ from .plates import DataPlateScale
 def check_fit(program, cfg, train, distributed=False):
     """Refuse a fit that this program cannot do, with the fix (``cfg``: the fit options)."""
     info = program.info
+    if info.coverage_problem:
+        raise UserError(info.coverage_problem)
     for site in info.latent_sites:
         if not site.in_guide and site.enumerated_in != "model":
             fix = "mark it for enumeration with infer={'enumerate': 'parallel'}" if site.discrete else "sample it in the guide"

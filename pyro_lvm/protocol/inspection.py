@@ -96,6 +96,9 @@ class ModelInfo:
     sample_with_num_samples: bool = False
     markov: bool = False
     vectorizable: Optional[bool] = None
+    # why the observed sites' density is not log p(x) (a part of x, or an entry twice), else None:
+    # fit and the estimators refuse such a program; diagnostics of what it observes still run
+    coverage_problem: Optional[str] = None
 
     @property
     def enumerated(self):
@@ -235,6 +238,10 @@ def _observed_mismatch(program, model_trace, shape):
         except RuntimeError:
             broadcast = None
         if broadcast != expected or value.dim() > len(expected):
+            if not isinstance(fn, pyro.distributions.torch_distribution.TorchDistributionMixin):
+                return UserError(f"{program.program_name}.model observes {name!r} with a torch.distributions "
+                                 f"{type(fn).__name__}, which Pyro's plates do not broadcast; use Pyro's own "
+                                 f"(import pyro.distributions as dist; dist.{_likelihood_name(fn)}(...))")
             per_point = expected[1:] if len(expected) > len(fn.event_shape) else tuple(fn.event_shape)
             return UserError(f"the data have shape {tuple(program.data_shape)} per point but "
                              f"{program.program_name}.model observes {name!r} with a distribution of shape "
@@ -310,6 +317,18 @@ class _SubsampleSpy(poutine.messenger.Messenger):
             self.plates.setdefault(msg["name"], (msg["fn"].size, int(msg["fn"].subsample_size)))
 
 
+class _Progress(poutine.messenger.Messenger):
+    """Counts the sites a program reached: of several point shapes that all fail, the one under which
+    the program ran furthest is the one it was written for, and its failure is the one to report."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites = 0
+
+    def _process_message(self, msg):
+        self.sites += 1
+
+
 def _self_subsampling_plates(program, probe):
     spy = _SubsampleSpy()
     try:
@@ -339,28 +358,32 @@ def _trace_program(original, x):
             name, (_, size) = next(iter(subsampling.items()))
             program.info = _provisional_info(shape, DataPlate(name, -1, "subsampling", size))
             probe = program.probe(x)
+        progress = _Progress()
         try:
-            guide_trace, model_trace = _traces(program, probe)
+            with progress:
+                guide_trace, model_trace = _traces(program, probe)
         except UserError as err:
-            failures.append(err)
+            failures.append((progress.sites, err))
             continue
         except Exception as err:  # noqa: BLE001 -- sorted into the user's errors and ours below
-            described = _describe_failure(program, err, program.data_shape)
+            described = _describe_failure(program, err, shape)
             if described is None:
                 raise
-            failures.append(described)
+            failures.append((progress.sites, described))
             continue
+        reached = len(guide_trace.nodes) + len(model_trace.nodes)
         mismatch = _observed_mismatch(program, model_trace, shape)
         if mismatch is not None:
-            failures.append(mismatch)
+            failures.append((reached, mismatch))
             continue
         plate = _find_data_plate(program, model_trace, len(x) if subsampling else len(probe))
         mismatch = _broadcast_over_points(program, model_trace, plate, len(probe))
         if mismatch is not None:
-            failures.append(mismatch)
+            failures.append((reached, mismatch))
             continue
         return program, shape, plate, guide_trace, model_trace, probe
-    raise failures[0]
+    # the failure of the shape the program got furthest with (the first such shape on a tie)
+    raise max(failures, key=lambda failure: failure[0])[1]
 
 
 def _provisional_info(point_shape, plate=None):
@@ -385,6 +408,13 @@ def _latent_sites(program, guide_trace, model_trace, plate):
         if enumerate_ not in (None, "parallel"):
             raise UserError(f"site {name!r} is marked enumerate={enumerate_!r}; pyro-lvm sums out discrete "
                             f"latents with parallel enumeration: mark it infer={{'enumerate': 'parallel'}}")
+        if discrete and not in_guide and not getattr(fn, "has_enumerate_support", False):
+            # config_enumerate passes such a site over silently: say why it cannot be summed out
+            raise UserError(f"discrete latent {name!r} of {program.program_name}.model cannot be enumerated: its "
+                            f"distribution ({_likelihood_name(fn)} with event shape {tuple(fn.event_shape)}) has no "
+                            f"enumerable support (Pyro cannot enumerate a .to_event() vector of discrete "
+                            f"values); declare its coordinates with a pyro.plate instead of .to_event(), or "
+                            f"sample it in the guide")
         guide_fn = guide_site["fn"] if in_guide else None
         latents.append(SiteInfo(
             name, tuple(fn.event_shape), tuple(fn.batch_shape), discrete, model_enumerated or guide_enumerated,
@@ -476,6 +506,47 @@ def _observation_map(program, x, plate, probe, observed):
         if len(positions) == len(observed):
             return positions
     return {}
+
+
+def _unmapped_observations(program, model_trace, plate, probe, observed, positions):
+    """Observed sites the observation map did not place: the value of one that holds a whole point
+    exactly (a cast, ``obs=x.long()``, that carries no positions) is the data; any other is a
+    transform of the data (``(x - m) / s``, ``log1p(x)``, ``x > 0.5``), whose density is not the
+    density of x (the Jacobian, or the lost values, are missing): refused, with the fix."""
+    missing = [name for name in observed if name not in positions]
+    if not missing:
+        return {}
+    data = probe.data[probe.indices] if isinstance(probe, SubsampleBatch) else probe
+    data = program.to_program(data).reshape(len(data), -1)
+    if len(missing) == 1 and len(observed) == 1:
+        value = _value_by_point(model_trace.nodes[missing[0]], plate)
+        if value.shape == data.shape and torch.equal(value.to(data.dtype), data):
+            return {missing[0]: torch.arange(data.shape[1], device=data.device)}
+    raise UserError(f"{program.program_name}.model observes {', '.join(map(repr, missing))} with a value that is "
+                    f"not a part of x (a transform such as (x - m) / s, log1p(x) or x > 0.5?): its density is "
+                    f"not log p(x), the Jacobian of the transform is missing; observe x itself (a slice or "
+                    f"reshape of it) and put the transform in the distribution (dist.TransformedDistribution), "
+                    f"or transform the data file instead")
+
+
+def _coverage_problem(program, point_shape, positions):
+    """Why the observed sites are not x: together they must hold every entry of a data point exactly
+    once. Observing a part of x (``obs=x[:, :2]``, the rest used as covariates or ignored) gives the
+    density of that part, and observing an entry twice counts it twice; neither is log p(x)."""
+    size = math.prod(point_shape) if point_shape else 1
+    if not positions:
+        return None
+    counts = torch.bincount(torch.cat([p.reshape(-1).cpu() for p in positions.values()]), minlength=size)
+    sites = ", ".join(map(repr, positions))
+    if bool((counts > 1).any()):
+        return (f"{program.program_name}.model observes {int((counts > 1).sum())} of the {size} entries of each "
+                f"data point more than once (sites {sites}): their density would be counted twice in log p(x); "
+                f"observe each entry of x once")
+    if bool((counts == 0).any()):
+        return (f"{program.program_name}.model observes {int((counts > 0).sum())} of the {size} entries of each "
+                f"data point (sites {sites}): the density of a part of x is not log p(x); observe all of x, "
+                f"or give a data file with only the entries the model explains")
+    return None
 
 
 def observed_values(info, trace):
@@ -574,6 +645,8 @@ def _inspect(program, x):
     twin.info = _provisional_info(shape, plate)
     observed = [name for name, _ in _observed(model_trace)]
     positions = _observation_map(twin, x, plate, probe, observed)
+    positions.update(_unmapped_observations(twin, model_trace, plate, probe, observed, positions))
+    coverage_problem = _coverage_problem(twin, shape, positions)
     latents = _latent_sites(twin, guide_trace, model_trace, plate)
     observed_sites = []
     for name, site in _observed(model_trace):
@@ -593,7 +666,8 @@ def _inspect(program, x):
         observed_sites=observed_sites, data_plate=plate, point_shape=shape, data_shape=tuple(program.data_shape),
         guide_only_sites=guide_only, global_auxiliary_sites=global_auxiliary, per_point_parameters=_per_point_parameters(guide_trace, plate),
         sample_with_num_samples=program.model_call.takes_num_samples,
-        markov=any("_markov_depth" in site["infer"] for _, site in _sample_sites(model_trace)))
+        markov=any("_markov_depth" in site["infer"] for _, site in _sample_sites(model_trace)),
+        coverage_problem=coverage_problem)
     if twin is not program:
         sized = _size_dependent_parameters(program, x, info, _parameter_shapes(twin))
         info.per_point_parameters = sorted(set(info.per_point_parameters) | set(sized))

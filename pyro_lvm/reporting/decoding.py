@@ -6,8 +6,9 @@
 - Decoder means: the model run on a placeholder batch with its local latents fixed by
   :func:`pyro.poutine.condition` and its observed sites unconditioned, reading the mean of each
   observed site's distribution p(x|z) (the probabilities of a Bernoulli, the location of a Normal)
-  and putting the points together as sampling does. A likelihood without a closed-form mean (an
-  autoregressive decoder) shows a sample of p(x|z) instead.
+  and putting the points together as sampling does. A likelihood without a closed-form or finite
+  mean (an autoregressive decoder; a Categorical, whose mean torch leaves NaN) shows a sample of
+  p(x|z) instead.
 """
 
 import pyro.poutine as poutine
@@ -67,6 +68,8 @@ def _mean_trace(trace):
                 mean = site["fn"].mean.expand(site["value"].shape)
             except (NotImplementedError, RuntimeError):
                 continue
+            if not bool(torch.isfinite(mean).all()):
+                continue  # no numeric mean (a Categorical's is NaN, as its labels are not numbers): the sample
             trace.nodes[name] = dict(site, value=mean)
     return trace
 

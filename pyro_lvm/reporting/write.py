@@ -20,6 +20,8 @@ from ..diagnostics import code_fuzziness, diagnose_run, model_device
 from ..diagnostics.fuzziness import FuzzinessUndefined
 from ..diagnostics.traces import chunks, seeded
 from ..errors import UserError
+from ..estimators import check_per_point_guide
+from ..protocol import as_program
 from ..outputs import ReportFolder
 from . import figures
 from .decoding import decoder_means, draw_samples, flatten_codes, guide_latent_sites, posterior_means
@@ -90,14 +92,15 @@ def _write_report(run, out_dir, split, num_samples, khat_points, khat_particles,
         diagnostics = {"error": str(err)}
     (out_dir / "diagnostics.json").write_text(json.dumps(diagnostics, indent=2) + "\n")
 
+    codes, no_codes = _posterior_codes(lvm, x, sites)
     sections = [
         _curves(run.metrics, out_dir),
         _samples(lvm, x, data.is_image, num_samples, out_dir, seed),
-        _reconstructions(lvm, x, data.is_image, sites, out_dir),
-        _embedding(lvm, x, labels, sites, out_dir),
+        _reconstructions(lvm, x, data.is_image, codes, no_codes, out_dir),
+        _embedding(labels, codes, no_codes, out_dir),
     ]
-    if data.is_image and sites:
-        sections.append(_traversals(lvm, x, sites, diagnostics, out_dir))
+    if data.is_image and codes is not None:
+        sections.append(_traversals(lvm, x, sites, codes, diagnostics, out_dir))
     sections += [
         _kl_per_dimension(diagnostics, out_dir),
         _fuzziness(lvm, x, data.is_image, diagnostics, out_dir, seed),
@@ -143,13 +146,27 @@ def _samples(lvm, x, is_image, num_samples, out_dir, seed):
     return Section("Samples", image=path.name, alt="samples from the model", pixels=is_image, caption=caption)
 
 
-def _reconstructions(lvm, x, is_image, sites, out_dir):
-    section = Section("Reconstructions")
+def _posterior_codes(lvm, x, sites):
+    """E_q[z|x] for every point of the split, computed once for the sections that show codes, or
+    (None, why not): the guide samples no local latent, or it keeps one parameter per training point
+    and has no posterior for these points (the codes of the training split are computed all together,
+    as the guide's parameters are laid out, and only then sliced)."""
     if not sites:
-        section.note = "The guide samples no local latent: there is no code to reconstruct from."
+        return None, "The guide samples no local latent: there is no code to show."
+    try:
+        check_per_point_guide(as_program(lvm), x)
+    except UserError as err:
+        return None, str(err)
+    return posterior_means(lvm, x), None
+
+
+def _reconstructions(lvm, x, is_image, codes, no_codes, out_dir):
+    section = Section("Reconstructions")
+    if codes is None:
+        section.note = no_codes
         return section
     shown = x[:NUM_RECONSTRUCTIONS] if is_image else x[: figures.MAX_SCATTER_POINTS]
-    reconstructions = decoder_means(lvm, posterior_means(lvm, shown), like=shown)
+    reconstructions = decoder_means(lvm, {name: code[:len(shown)] for name, code in codes.items()}, like=shown)
     path = out_dir / "reconstructions.png"
     if is_image:
         figures.data_and_reconstructions(shown, reconstructions, path)
@@ -163,12 +180,12 @@ def _reconstructions(lvm, x, is_image, sites, out_dir):
     return section
 
 
-def _embedding(lvm, x, labels, sites, out_dir):
+def _embedding(labels, codes, no_codes, out_dir):
     section = Section("Posterior means")
-    if not sites:
-        section.note = "The guide samples no local latent."
+    if codes is None:
+        section.note = no_codes
         return section
-    codes = flatten_codes(posterior_means(lvm, x))
+    codes = flatten_codes(codes)
     path = figures.posterior_embedding(codes, labels, out_dir / "embedding.png")
     view = "the code itself" if codes.shape[1] <= 2 else f"its first two principal components (of {codes.shape[1]})"
     coloured = ", coloured by label" if labels is not None else ""
@@ -177,9 +194,8 @@ def _embedding(lvm, x, labels, sites, out_dir):
     return section
 
 
-def _traversals(lvm, x, sites, diagnostics, out_dir):
+def _traversals(lvm, x, sites, means, diagnostics, out_dir):
     """Decode codes that move one dimension from -3 to 3, the others at their average posterior mean."""
-    means = posterior_means(lvm, x)
     base = flatten_codes(means).mean(0)
     kl = diagnostics.get("kl_per_dim") or [None] * base.numel()
     order = sorted(range(base.numel()), key=lambda d: -(kl[d] if kl[d] is not None else -math.inf))
