@@ -292,6 +292,10 @@ def validate_checkpoint(state, path, for_resume=False):
         if tensor.is_floating_point() and bool(torch.isnan(tensor).any()):
             raise UserError(f"{path}: the weight {name!r} holds NaN, so every number from this model would be NaN; "
                             f"resume from an earlier checkpoint, or refit (a lower --lr, --on-nan skip)")
+    # Every command reports the epoch it read (`checkpoint_epoch`), resume or not.
+    if "epoch" in state and not RESUME_KEYS["epoch"][0](state["epoch"]):
+        _refuse(path, "'epoch'", state["epoch"] if not torch.is_tensor(state["epoch"]) else "a tensor",
+                RESUME_KEYS["epoch"][1], fix)
     if not for_resume:
         return state
     for key, (check, must) in RESUME_KEYS.items():

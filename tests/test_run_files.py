@@ -307,3 +307,17 @@ def test_a_model_path_whose_folder_holds_a_colon():
     assert split_model_spec("/x/a:b/m.py:Model") == ("/x/a:b/m.py", "Model")
     assert split_model_spec("pkg.mod:Model") == ("pkg.mod", "Model")
     assert split_model_spec("vae") == ("vae", "")
+
+
+@pytest.mark.parametrize("epoch", [torch.tensor([1, 2]), -1, "3", 1.5])
+def test_a_checkpoints_epoch_is_checked_on_every_read(tmp_path, epoch):
+    """Every command reports the epoch of the checkpoint it read, so a damaged epoch is refused on every
+    read (not only on --resume) with the file, the key and the fix."""
+    path = tmp_path / "checkpoint.pt"
+    state = {"format": runs.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(2)}, "epoch": epoch}
+    torch.save(state, path)
+    with pytest.raises(UserError, match=r"checkpoint.pt: 'epoch' .* must be an integer >= 0; restore it"):
+        runs.load_checkpoint(path)
+    state["epoch"] = 3
+    torch.save(state, path)
+    assert runs.load_checkpoint(path)["epoch"] == 3
