@@ -37,3 +37,15 @@ def test_non_editable_install_finds_the_zoo(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "'mog', 'pixelcnn-vae', 'ppca', 'vae'" in result.stdout
     assert "PixelCNNVAE" in result.stdout
+
+
+def test_every_subpackage_is_listed_in_setup_cfg():
+    """A subpackage missing from setup.cfg's ``packages`` is left out of a non-editable install
+    (the editable one finds it anyway), so every folder of pyro_lvm with an ``__init__.py`` is listed."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    found = {".".join(path.parent.relative_to(REPO).parts) for path in (REPO / "pyro_lvm").rglob("__init__.py")}
+    assert found <= listed, f"add to setup.cfg's packages: {sorted(found - listed)}"
