@@ -54,18 +54,23 @@ def hyperparameters(cls):
     return result
 
 
+def _number_or_text(text):
+    """An int, a float, None (for "none"), or the text itself: a ``-p`` value with no type to follow."""
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return None if text.lower() == "none" else text
+
+
 def _parse_untyped(text):
     """A ``-p`` value for a parameter without a default: true/false, int, float, a comma-separated tuple
     of those, None, or the string itself."""
     def scalar(t):
         if t.lower() in ("true", "false"):
             return t.lower() == "true"
-        for conv in (int, float):
-            try:
-                return conv(t)
-            except ValueError:
-                pass
-        return None if t.lower() == "none" else t
+        return _number_or_text(t)
 
     if "," in text:
         return tuple(scalar(item) for item in text.replace(" ", "").split(",") if item)
@@ -86,12 +91,7 @@ def _parse_value(key, text, default):
         if isinstance(like, float):
             return float(t)
         if like is None:
-            for conv in (int, float):
-                try:
-                    return conv(t)
-                except ValueError:
-                    pass
-            return None if t.lower() == "none" else t
+            return _number_or_text(t)
         return t
 
     try:

@@ -18,7 +18,7 @@ import torch
 
 from ..diagnostics import code_fuzziness, diagnose_run, model_device
 from ..diagnostics.fuzziness import FuzzinessUndefined
-from ..diagnostics.traces import chunks, seeded
+from ..diagnostics.traces import seeded
 from ..errors import UserError
 from ..estimators import check_per_point_guide
 from ..protocol import as_program
