@@ -1,20 +1,27 @@
-"""Where two trainings of the IWAE protocol part: pyro-lvm against the reference, beside two references.
+"""Where two trainings of the IWAE protocol part: pyro-lvm against the reference, beside perturbed references.
 
 ``iwae_mnist.py`` trains a row with pyro-lvm and with the hand-written reference from the same weights,
 batches and draws. If the two computed the same steps to rounding, they would part as fast as two
-references part when one starts from the weights times (1 + 1e-7 noise) (``reference_spread.py``
-measures where those end). This script follows all three step by step: it snapshots the parameters at
+references part when one starts from the weights times (1 + 1e-7 noise): where a training is chaotic
+at the size of float32 rounding (IWAE k=5 is), that spread, and not the standard error paired over test
+points, is the yardstick for pyro-lvm against the reference. This script follows all three step by
+step (``--part toolkit``, ``reference``, ``perturbed`` with ``--noise-seed``): it snapshots the parameters at
 ``--at`` steps (Adam steps are counted by wrapping ``torch.optim.Adam.step``; training stops at the
 last) and prints, at each, the relative distance ||a - b|| / ||b|| of pyro-lvm from the reference and of
 the perturbed reference from the reference. A systematic difference in the toolkit's step shows as a
 distance that grows faster than the perturbed one's, or jumps at one step. Each trainer runs in its own
-process (``--part toolkit|reference|perturbed``, the reference parts after the toolkit's, which writes
-the initial weights and RNG state); ``--part compare`` prints the table. Run from the repository root:
+process (the reference parts wait for the toolkit's, which writes the initial weights and RNG state at
+its first step); ``--part compare`` prints the distances, ``--part evaluate`` estimates each final
+model's test log p(x) (the reference's importance sampling and pyro-lvm's ``is``, common random numbers)
+and ``--part summary`` prints the NLLs, their paired differences from the reference's and the spread of
+the perturbed references. Every part takes the same ``--row`` and ``--passes``. Run from the repository root:
 
     python benchmarks/reproduce/trajectories.py --part toolkit --row 1:iwae:5 --passes 20 --out OUT
     python benchmarks/reproduce/trajectories.py --part reference --out OUT &
-    python benchmarks/reproduce/trajectories.py --part perturbed --out OUT
+    python benchmarks/reproduce/trajectories.py --part perturbed --noise-seed 1 --out OUT   # 2, 3, ...
     python benchmarks/reproduce/trajectories.py --part compare --out OUT
+    python benchmarks/reproduce/trajectories.py --part evaluate --names toolkit reference perturbed-1 --out OUT
+    python benchmarks/reproduce/trajectories.py --part summary --out OUT
 """
 import argparse
 import importlib.util
@@ -76,7 +83,8 @@ def run_toolkit(args, out):
     _snapshotting(set(args.at), lambda: holder["lvm"].state_dict(), snapshots, save_start)
     try:
         with iwae_mnist.recording_initialization(record):
-            iwae_mnist.fit_toolkit(data_file, out / "pyro-lvm", args.row, args.passes, args.seed, torch.device("cpu"), False)
+            iwae_mnist.fit_toolkit(data_file, out / "pyro-lvm", args.row, args.passes, args.seed, torch.device("cpu"),
+                                   cuda_graph=False)
     except _Stop:
         pass
     torch.save(snapshots, out / "toolkit.pt")
@@ -142,8 +150,9 @@ def evaluate(args, out):
     data = load_dataset(str(iwae_mnist.protocol_data(args.data_dir, out)), None, "dynamic")
     test = data.test[:args.eval_points]
     for name in args.names:
-        state = torch.load(out / f"{name}.pt")
-        state = state[max(state)]
+        snapshots = torch.load(out / f"{name}.pt")
+        step = max(snapshots)
+        state = snapshots[step]
         reference = iwae_mnist.ReferenceVAE(args.row[0])
         reference.load_state_dict(state)
         torch.manual_seed(args.seed + 1)
@@ -153,8 +162,7 @@ def evaluate(args, out):
         lvm.eval()
         by_toolkit = estimate_log_marginal(lvm, test, "is", num_samples=args.eval_samples, batch_size=100,
                                            seed=args.seed + 1).per_point.double()
-        torch.save({"reference_is": by_reference, "toolkit_is": by_toolkit, "step": max(torch.load(out / f"{name}.pt"))},
-                   out / f"eval-{name}.pt")
+        torch.save({"reference_is": by_reference, "toolkit_is": by_toolkit, "step": step}, out / f"eval-{name}.pt")
         iwae_mnist.log(f"{name}: test NLL {-by_reference.mean().item():.3f} (reference's is), "
                        f"{-by_toolkit.mean().item():.3f} (pyro-lvm's is)")
 
@@ -187,15 +195,18 @@ def summary(out):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("toolkit", "reference", "perturbed", "compare", "evaluate", "summary"), required=True)
+    parser.add_argument("--part", required=True,
+                        choices=("toolkit", "reference", "perturbed", "compare", "evaluate", "summary"))
     parser.add_argument("--data-dir", default=str(HERE.parent.parent.parent / "shared" / "data"))
     parser.add_argument("--row", type=iwae_mnist.parse_row, default=(1, "iwae", 5), metavar="LAYERS:OBJECTIVE:K")
-    parser.add_argument("--passes", type=int, default=20, help="the schedule's length (training stops at the last --at step)")
+    parser.add_argument("--passes", type=int, default=20,
+                        help="the schedule's length (training stops at the last --at step)")
     parser.add_argument("--at", type=int, nargs="+", default=DEFAULT_AT, help="steps at which to snapshot")
     parser.add_argument("--perturbation", type=float, default=1e-7)
     parser.add_argument("--noise-seed", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--names", nargs="+", default=["toolkit", "reference"], help="--part evaluate: whose last snapshot")
+    parser.add_argument("--names", nargs="+", default=["toolkit", "reference"],
+                        help="--part evaluate: whose last snapshots")
     parser.add_argument("--eval-points", type=int, default=1000)
     parser.add_argument("--eval-samples", type=int, default=5000)
     parser.add_argument("--out", default=str(HERE / "out" / "trajectories"))
