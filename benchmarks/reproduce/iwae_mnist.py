@@ -219,7 +219,8 @@ def train_reference(reference, data, row, passes, seed, rng_state, device, progr
 
 @contextlib.contextmanager
 def recording_initialization(record):
-    """While fit runs: after the model's ``initialize``, keep its weights and the RNG state there.
+    """While fit runs: keep the model (``record["lvm"]``) and, after its ``initialize``, its weights and
+    the RNG state there.
 
     Nothing between that point and the first training step draws from the global generator, so
     the reference, started from the same weights and state, draws the same latents at every step.
@@ -228,6 +229,7 @@ def recording_initialization(record):
 
     def build_and_record(*args, **kwargs):
         lvm = build_model(*args, **kwargs)
+        record["lvm"] = lvm
         initialize = lvm.initialize
 
         def recorded(x):
@@ -312,9 +314,7 @@ def run_row(args, row):
         difference = toolkit - ref
         # How far apart the two trainings ended, parameter by parameter (0 if they computed the same steps).
         final = run.model.state_dict()
-        result["max_relative_parameter_difference"] = max(
-            ((final[name] - value).abs().max() / value.abs().max().clamp_min(1e-12)).item()
-            for name, value in reference.state_dict().items())
+        result["max_relative_parameter_difference"] = max_relative_difference(final, reference.state_dict())
         result.update({"reference_nll": -ref.mean().item(), "reference_stderr": ref.std().item() / math.sqrt(len(test)),
                        "reference_train_seconds": reference_seconds, "reference_eval_seconds": time.monotonic() - started,
                        # NLL(pyro-lvm) - NLL(reference), paired over the test points
@@ -325,6 +325,12 @@ def run_row(args, row):
             f"{result['nll_difference']:+.3f} +- {result['nll_difference_stderr']:.3f}")
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def max_relative_difference(state, reference_state):
+    """The largest over tensors of max |state - reference| / max |reference|: 0 for the same parameters."""
+    return max(((state[name] - value).abs().max() / value.abs().max().clamp_min(1e-12)).item()
+               for name, value in reference_state.items())
 
 
 def _commit():

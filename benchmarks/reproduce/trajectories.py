@@ -26,6 +26,7 @@ the perturbed references. Every part takes the same ``--row`` and ``--passes``. 
 import argparse
 import importlib.util
 import json
+import math
 import time
 from pathlib import Path
 
@@ -63,24 +64,14 @@ def _snapshotting(at, get_state, snapshots, before_first=None):
 
 
 def run_toolkit(args, out):
-    import pyro_lvm.api
-
     data_file = iwae_mnist.protocol_data(args.data_dir, out)
-    holder, snapshots = {}, {}
-    build_model = pyro_lvm.api.build_model
-
-    def build_and_keep(*a, **k):
-        holder["lvm"] = build_model(*a, **k)
-        return holder["lvm"]
-
-    pyro_lvm.api.build_model = build_and_keep
-    record = {}
+    record, snapshots = {}, {}
 
     def save_start():  # at the first step, so that the references can start beside the toolkit
         torch.save({"state": record["state"], "rng": record["rng"]}, out / ".init.pt")
         (out / ".init.pt").replace(out / "init.pt")
 
-    _snapshotting(set(args.at), lambda: holder["lvm"].state_dict(), snapshots, save_start)
+    _snapshotting(set(args.at), lambda: record["lvm"].state_dict(), snapshots, save_start)
     try:
         with iwae_mnist.recording_initialization(record):
             iwae_mnist.fit_toolkit(data_file, out / "pyro-lvm", args.row, args.passes, args.seed, torch.device("cpu"),
@@ -116,8 +107,7 @@ def run_reference(args, out, perturbed):
 def _distance(a, b):
     diff = sum(((a[k] - b[k]).double() ** 2).sum() for k in b)
     norm = sum((b[k].double() ** 2).sum() for k in b)
-    worst = max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in b)
-    return (diff / norm).sqrt().item(), worst
+    return (diff / norm).sqrt().item(), iwae_mnist.max_relative_difference(a, b)
 
 
 def compare(out):
@@ -169,8 +159,6 @@ def evaluate(args, out):
 
 def summary(out):
     """Each model's test NLL and its paired difference from the reference's, by each estimator."""
-    import math
-
     evals = {path.stem[len("eval-"):]: torch.load(path) for path in sorted(out.glob("eval-*.pt"))}
     base = evals["reference"]
     rows = {}
